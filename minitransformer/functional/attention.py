@@ -1,0 +1,78 @@
+"""Scaled dot-product attention (§3.2.1), one fused op with its own backward.
+
+    Attention(Q, K, V) = softmax(Q Kᵀ / √d_k) V
+
+The mask is boolean, True where a query *may* attend to a key, and broadcasts to
+``(…, Lq, Lk)``. docs/backward.md#attention.
+"""
+import math
+
+from .. import backend
+from ..tensor import Tensor, as_tensor, check_same_device, make_op, unbroadcast
+from .dropout import check_p, dropout_mask
+
+
+def _t(array):
+    return array.swapaxes(-1, -2)
+
+
+def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=False):
+    """Returns ``(output (…, Lq, d_v), weights (…, Lq, Lk))``.
+
+    ``weights`` are the attention probabilities *before* dropout (a constant tensor, for
+    plotting). A query row whose every key is masked attends to nothing: its output is 0.
+
+    Forward:  ``S = Q Kᵀ / √d_k`` (masked places -∞), ``P = softmax(S)``, ``P̃ = P * m``
+    (dropout mask ``m``), ``O = P̃ V``.
+    Backward: ``dV = P̃ᵀ dO``, ``dP = (dO Vᵀ) * m``, ``dS = P * (dP - Σ_k dP * P)``,
+    ``dQ = dS K / √d_k``, ``dK = dSᵀ Q / √d_k``.
+    """
+    q, k, v = as_tensor(q), as_tensor(k), as_tensor(v)
+    check_same_device("scaled_dot_product_attention", q, k, v)
+    op = "scaled_dot_product_attention"
+    if min(q.ndim, k.ndim, v.ndim) < 2:
+        raise ValueError(f"{op}: q, k, v need at least 2 axes (…, L, d), got {q.shape}, {k.shape}, {v.shape}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{op}: q and k must share d_k, got q {q.shape} and k {k.shape}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"{op}: k and v must have the same number of keys Lk, got k {k.shape} and v {v.shape}")
+    check_p(op, dropout_p)
+    xp = q.xp
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    scores = (q.data @ _t(k.data)) * q.dtype.type(scale)                     # (…, Lq, Lk)
+    if mask is not None:
+        mask = as_tensor(mask, q)
+        check_same_device(op, q, mask)
+        if mask.dtype.kind != "b":
+            raise TypeError(f"{op}: mask must be boolean (True = may attend), got {mask.dtype}")
+        try:
+            if xp.broadcast_shapes(mask.shape, scores.shape) != scores.shape:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{op}: mask of shape {mask.shape} is not broadcastable to the attention "
+                             f"scores' shape (…, Lq, Lk) = {scores.shape}") from None
+        scores = xp.where(mask.data, scores, -xp.inf)
+    row_max = scores.max(axis=-1, keepdims=True)
+    row_max = xp.where(xp.isfinite(row_max), row_max, 0)                     # fully masked rows
+    e = xp.exp(scores - row_max)
+    total = e.sum(axis=-1, keepdims=True)
+    P = e / xp.where(total > 0, total, 1)                                     # (…, Lq, Lk)
+    if training and dropout_p > 0:
+        m = dropout_mask(P.shape, dropout_p, P.dtype, q.device)
+        P_tilde = P * m
+    else:
+        m, P_tilde = None, P
+    out = P_tilde @ v.data
+
+    def backward(dO):
+        dV = unbroadcast(_t(P_tilde) @ dO, v.shape) if v.requires_grad else None
+        dP = dO @ _t(v.data)
+        if m is not None:
+            dP *= m
+        dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
+        dS *= q.dtype.type(scale)
+        dQ = unbroadcast(dS @ k.data, q.shape) if q.requires_grad else None
+        dK = unbroadcast(_t(dS) @ q.data, k.shape) if k.requires_grad else None
+        return dQ, dK, dV
+    return make_op(out, (q, k, v), backward, op), Tensor(P)

@@ -1,0 +1,114 @@
+"""Element-wise ops: arithmetic with broadcasting, exp/log/sqrt/tanh, ReLU (§3.3).
+
+Each backward follows the chain rule element by element; a broadcast input gets its gradient
+summed back to its own shape (``unbroadcast``). Derivations: docs/backward.md#elementwise.
+"""
+from numbers import Number
+
+from ..tensor import Tensor, as_tensor, check_same_device, make_op, unbroadcast
+
+
+def _operands(op, a, b):
+    like = a if isinstance(a, Tensor) else b
+    a, b = as_tensor(a, like), as_tensor(b, like)
+    check_same_device(op, a, b)
+    try:
+        like.xp.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ValueError(f"{op}: shapes {a.shape} and {b.shape} cannot be broadcast together") from None
+    return a, b
+
+
+def add(a, b):
+    """``a + b``; backward: ``da = g``, ``db = g`` (each un-broadcast)."""
+    a, b = _operands("add", a, b)
+
+    def backward(g):
+        return (unbroadcast(g, a.shape) if a.requires_grad else None,
+                unbroadcast(g, b.shape) if b.requires_grad else None)
+    return make_op(a.data + b.data, (a, b), backward, "add")
+
+
+def sub(a, b):
+    """``a - b``; backward: ``da = g``, ``db = -g``."""
+    a, b = _operands("sub", a, b)
+
+    def backward(g):
+        return (unbroadcast(g, a.shape) if a.requires_grad else None,
+                unbroadcast(-g, b.shape) if b.requires_grad else None)
+    return make_op(a.data - b.data, (a, b), backward, "sub")
+
+
+def mul(a, b):
+    """``a * b``; backward: ``da = g * b``, ``db = g * a``."""
+    a, b = _operands("mul", a, b)
+
+    def backward(g):
+        return (unbroadcast(g * b.data, a.shape) if a.requires_grad else None,
+                unbroadcast(g * a.data, b.shape) if b.requires_grad else None)
+    return make_op(a.data * b.data, (a, b), backward, "mul")
+
+
+def div(a, b):
+    """``a / b``; backward: ``da = g / b``, ``db = -g * a / b**2``."""
+    a, b = _operands("div", a, b)
+
+    def backward(g):
+        return (unbroadcast(g / b.data, a.shape) if a.requires_grad else None,
+                unbroadcast(-g * a.data / (b.data * b.data), b.shape) if b.requires_grad else None)
+    return make_op(a.data / b.data, (a, b), backward, "div")
+
+
+def neg(x):
+    """``-x``; backward: ``dx = -g``."""
+    return make_op(-x.data, (x,), lambda g: (-g,), "neg")
+
+
+def pow(x, exponent):
+    """``x ** p`` for a scalar ``p``; backward: ``dx = g * p * x**(p-1)``."""
+    if not isinstance(exponent, Number):
+        raise TypeError(f"pow: the exponent must be a Python number, got {type(exponent).__name__}")
+
+    def backward(g):
+        return (g * (exponent * x.data ** (exponent - 1)),)
+    return make_op(x.data ** exponent, (x,), backward, "pow")
+
+
+def exp(x):
+    """``y = e^x``; backward: ``dx = g * y``."""
+    x = as_tensor(x)
+    y = x.xp.exp(x.data)
+    return make_op(y, (x,), lambda g: (g * y,), "exp")
+
+
+def log(x):
+    """``y = ln x``; backward: ``dx = g / x``."""
+    x = as_tensor(x)
+    return make_op(x.xp.log(x.data), (x,), lambda g: (g / x.data,), "log")
+
+
+def sqrt(x):
+    """``y = √x``; backward: ``dx = g / (2 y)``."""
+    x = as_tensor(x)
+    y = x.xp.sqrt(x.data)
+    return make_op(y, (x,), lambda g: (g / (2 * y),), "sqrt")
+
+
+def tanh(x):
+    """``y = tanh x``; backward: ``dx = g * (1 - y²)``."""
+    x = as_tensor(x)
+    y = x.xp.tanh(x.data)
+    return make_op(y, (x,), lambda g: (g * (1 - y * y),), "tanh")
+
+
+def relu(x):
+    """``y = max(0, x)`` (§3.3); backward: ``dx = g * [x > 0]``."""
+    x = as_tensor(x)
+    positive = x.data > 0
+    return make_op(x.data * positive, (x,), lambda g: (g * positive,), "relu")
+
+
+def astype(x, dtype):
+    """Change the dtype; backward casts the gradient back."""
+    source = x.dtype
+    return make_op(x.data.astype(dtype), (x,), lambda g: (g.astype(source),), "astype")

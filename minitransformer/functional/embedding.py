@@ -1,0 +1,48 @@
+"""Embedding lookup (§3.4): row ``ids[i]`` of the weight matrix.
+
+Backward is a scatter-add: every use of a row adds its gradient there, so repeated ids add
+up. docs/backward.md#embedding.
+"""
+import numpy as np
+
+from .. import backend
+from ..tensor import Tensor, as_tensor, make_op
+
+
+def check_ids(op, ids, num_classes, what="id"):
+    """Validate an integer id array on the host side of a call, where the user made it."""
+    xp = backend.get_array_module(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"{op}: {what}s must be integers, got dtype {ids.dtype}")
+    if ids.size:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= num_classes:
+            bad = low if low < 0 else high
+            raise IndexError(f"{op}: {what} {bad} is out of range [0, {num_classes})")
+    return xp
+
+
+def embedding(ids, weight):
+    """``y[..., :] = W[ids[...], :]``; backward: ``dW[v] = Σ_{i: ids[i] = v} g[i]``.
+
+    ``ids`` may be a host array or list even when ``W`` is on the GPU: it is checked where it
+    was made and copied over (ids carry no gradient).
+    """
+    weight = as_tensor(weight)
+    if isinstance(ids, Tensor):
+        if ids.device != weight.device:
+            raise ValueError(f"embedding: ids are on {ids.device} but the weight is on {weight.device}")
+        ids = ids.data
+    elif not backend.is_array(ids):
+        ids = np.asarray(ids)
+    if weight.ndim != 2:
+        raise ValueError(f"embedding: weight must be 2-D (num_embeddings, d), got {weight.shape}")
+    check_ids("embedding", ids, weight.shape[0])
+    ids = backend.to_device(ids, weight.device)
+    d = weight.shape[1]
+
+    def backward(g):
+        dW = weight.xp.zeros_like(weight.data)
+        backend.scatter_add(dW, ids.reshape(-1), g.reshape(-1, d))
+        return (dW,)
+    return make_op(weight.data[ids], (weight,), backward, "embedding")

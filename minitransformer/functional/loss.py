@@ -1,0 +1,59 @@
+"""Cross-entropy with label smoothing (§5.4, ``eps_ls``), fused with its log-softmax.
+
+Same definition as ``torch.nn.functional.cross_entropy``: the target distribution is
+``q = (1 - eps_ls) * onehot(t) + eps_ls / C`` and the loss is ``-Σ_c q_c log p_c``, averaged over
+the targets that are not ``ignore_index``. docs/backward.md#cross-entropy.
+"""
+import numpy as np
+
+from .. import backend
+from ..tensor import Tensor, as_tensor, make_op
+from .embedding import check_ids
+
+
+def cross_entropy(logits, target, ignore_index=None, label_smoothing=0.0):
+    """Mean label-smoothed cross-entropy of ``logits (N, C)`` against class ids ``target (N,)``.
+
+    Backward (fused): ``dlogits = g * (softmax(logits) - q) / n`` on counted rows, 0 on ignored
+    ones, with ``n`` the number of counted rows. A batch whose every target is ignored gives a
+    loss of 0 (PyTorch gives nan) so that it cannot poison training.
+    """
+    logits = as_tensor(logits)
+    if logits.ndim != 2:
+        raise ValueError(f"cross_entropy: logits must be (N, C), got shape {logits.shape}")
+    N, C = logits.shape
+    if isinstance(target, Tensor):
+        if target.device != logits.device:
+            raise ValueError(f"cross_entropy: target is on {target.device} but logits are on {logits.device}")
+        target = target.data
+    elif not backend.is_array(target):
+        target = np.asarray(target)
+    if target.shape != (N,):
+        raise ValueError(f"cross_entropy: target must have shape ({N},) to match logits {logits.shape}, "
+                         f"got {target.shape}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    xp_t = backend.get_array_module(target)
+    counted = target != ignore_index if ignore_index is not None else xp_t.ones(N, dtype=bool)
+    check_ids("cross_entropy", target[counted], C, what="target")
+    target = backend.to_device(xp_t.where(counted, target, 0), logits.device)
+    counted = backend.to_device(counted, logits.device)
+
+    xp, dtype = logits.xp, logits.dtype
+    shifted = logits.data - logits.data.max(axis=1, keepdims=True)
+    log_p = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))     # (N, C)
+    rows = xp.arange(N)
+    nll = -log_p[rows, target]                                                 # -log p_t
+    smooth = -log_p.mean(axis=1)                                               # -Σ_c log p_c / C
+    per_row = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    weight = counted.astype(dtype)
+    n = xp.maximum(weight.sum(), 1)                                            # stays on the device
+    loss = (per_row * weight).sum() / n
+
+    def backward(g):
+        dlogits = xp.exp(log_p)                                                # softmax
+        dlogits -= label_smoothing / C
+        dlogits[rows, target] -= 1.0 - label_smoothing
+        dlogits *= (weight * (g / n))[:, None]
+        return (dlogits,)
+    return make_op(loss.astype(dtype), (logits,), backward, "cross_entropy")

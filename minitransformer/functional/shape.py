@@ -1,0 +1,131 @@
+"""Ops that move elements around without arithmetic: reshape, transpose, indexing, concat,
+split, masked_fill. Each backward puts the gradient back where the element came from.
+docs/backward.md#shape-ops."""
+from .. import backend
+from ..tensor import Tensor, as_tensor, check_same_device, make_op
+
+
+def reshape(x, *shape):
+    """Same elements, new shape; backward reshapes the gradient back."""
+    if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+        shape = tuple(shape[0])
+    try:
+        y = x.data.reshape(shape)
+    except ValueError:
+        raise ValueError(f"reshape: cannot reshape a tensor of shape {x.shape} "
+                         f"({x.size} elements) into {shape}") from None
+    return make_op(y, (x,), lambda g: (g.reshape(x.shape),), "reshape")
+
+
+def transpose(x, *axes):
+    """Permute axes (NumPy order; none given reverses them); backward applies the inverse."""
+    if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+        axes = tuple(axes[0])
+    axes = axes or tuple(reversed(range(x.ndim)))
+    if sorted(a % max(x.ndim, 1) for a in axes) != list(range(x.ndim)):
+        raise ValueError(f"transpose: axes {axes} are not a permutation of the {x.ndim} axes of {x.shape}")
+    inverse = x.xp.argsort(x.xp.asarray(axes) % max(x.ndim, 1)).tolist()
+    return make_op(x.data.transpose(axes), (x,), lambda g: (g.transpose(inverse),), "transpose")
+
+
+def _plain_index(index, x):
+    """Tensors inside an index become arrays on ``x``'s device."""
+    def one(i):
+        if isinstance(i, Tensor):
+            if i.device != x.device:
+                raise ValueError(f"getitem: index is on {i.device} but the tensor is on {x.device}")
+            return i.data
+        if isinstance(i, list):
+            return x.xp.asarray(i)
+        if backend.is_array(i) and backend.device_of(i) != x.device:
+            return backend.to_device(i, x.device)
+        return i
+    return tuple(one(i) for i in index) if isinstance(index, tuple) else one(index)
+
+
+def _is_advanced(index):
+    items = index if isinstance(index, tuple) else (index,)
+    return any(backend.is_array(i) for i in items)
+
+
+def getitem(x, index):
+    """``x[index]`` with ints, slices, ``None``, ``...`` and integer/boolean arrays.
+
+    Backward scatters ``g`` into zeros of ``x``'s shape; with integer arrays repeated positions
+    *add up* (a scatter-add), since each use of an element contributes to its gradient.
+    """
+    index = _plain_index(index, x)
+    try:
+        y = x.data[index]
+    except IndexError as e:
+        raise IndexError(f"getitem: {e} (tensor shape {x.shape})") from None
+
+    def backward(g):
+        dx = x.xp.zeros_like(x.data)
+        if _is_advanced(index):
+            backend.scatter_add(dx, index, g)
+        else:
+            dx[index] = g
+        return (dx,)
+    return make_op(y, (x,), backward, "getitem")
+
+
+def concat(tensors, axis=0):
+    """Join tensors along ``axis``; backward slices the gradient back into the pieces."""
+    tensors = [as_tensor(t) for t in tensors]
+    if not tensors:
+        raise ValueError("concat: expected at least one tensor")
+    check_same_device("concat", *tensors)
+    ndim = tensors[0].ndim
+    axis = axis % max(ndim, 1)
+    for t in tensors:
+        if t.ndim != ndim or t.shape[:axis] + t.shape[axis + 1:] != tensors[0].shape[:axis] + tensors[0].shape[axis + 1:]:
+            raise ValueError(f"concat: all shapes must match except along axis {axis}, "
+                             f"got {[tuple(t.shape) for t in tensors]}")
+    xp = tensors[0].xp
+    bounds = [0]
+    for t in tensors:
+        bounds.append(bounds[-1] + t.shape[axis])
+
+    def backward(g):
+        return tuple(xp.take(g, xp.arange(lo, hi), axis=axis) if t.requires_grad else None
+                     for t, lo, hi in zip(tensors, bounds[:-1], bounds[1:]))
+    return make_op(xp.concatenate([t.data for t in tensors], axis=axis), tuple(tensors), backward, "concat")
+
+
+def split(x, split_size_or_sections, axis=0):
+    """Split along ``axis`` like ``torch.split``: an int is the size of each chunk (the last
+    may be smaller), a list gives every chunk's size. Each chunk is a slice, so its backward
+    is ``getitem``'s."""
+    length = x.shape[axis]
+    if isinstance(split_size_or_sections, int):
+        if split_size_or_sections <= 0:
+            raise ValueError(f"split: chunk size must be positive, got {split_size_or_sections}")
+        sizes = [min(split_size_or_sections, length - i) for i in range(0, length, split_size_or_sections)]
+    else:
+        sizes = list(split_size_or_sections)
+        if sum(sizes) != length:
+            raise ValueError(f"split: sizes {sizes} add up to {sum(sizes)}, expected axis {axis} "
+                             f"length {length} of shape {x.shape}")
+    chunks, start = [], 0
+    prefix = (slice(None),) * (axis % x.ndim)
+    for size in sizes:
+        chunks.append(getitem(x, prefix + (slice(start, start + size),)))
+        start += size
+    return chunks
+
+
+def masked_fill(x, mask, value):
+    """Where ``mask`` is True put ``value``; backward: ``dx = g * ~mask`` (filled places get none)."""
+    mask = as_tensor(mask, x)
+    check_same_device("masked_fill", x, mask)
+    if mask.dtype.kind != "b":
+        raise TypeError(f"masked_fill: mask must be boolean, got {mask.dtype}")
+    try:
+        if x.xp.broadcast_shapes(mask.shape, x.shape) != x.shape:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"masked_fill: mask of shape {mask.shape} is not broadcastable to {x.shape}") from None
+    keep = ~mask.data
+    y = x.xp.where(mask.data, x.xp.asarray(value, dtype=x.dtype), x.data)
+    return make_op(y, (x,), lambda g: (g * keep,), "masked_fill")

@@ -1,0 +1,33 @@
+"""Softmax and log-softmax (§3.2.1 attention weights, §3.4 output distribution).
+
+Both subtract the row maximum first, so ``exp`` never overflows. docs/backward.md#softmax.
+"""
+from ..tensor import make_op
+
+
+def softmax(x, axis=-1):
+    """``s = exp(x - max x) / Σ exp(x - max x)``.
+
+    Backward: ``dx = s * (g - Σ_axis g * s)`` (the Jacobian ``diag(s) - s sᵀ`` applied to ``g``).
+    """
+    xp = x.xp
+    e = xp.exp(x.data - x.data.max(axis=axis, keepdims=True))
+    s = e / e.sum(axis=axis, keepdims=True)
+
+    def backward(g):
+        return (s * (g - (g * s).sum(axis=axis, keepdims=True)),)
+    return make_op(s, (x,), backward, "softmax")
+
+
+def log_softmax(x, axis=-1):
+    """``y = x - max x - log Σ exp(x - max x)``.
+
+    Backward: ``dx = g - exp(y) * Σ_axis g`` (``exp(y)`` is the softmax).
+    """
+    xp = x.xp
+    shifted = x.data - x.data.max(axis=axis, keepdims=True)
+    y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+    def backward(g):
+        return (g - xp.exp(y) * g.sum(axis=axis, keepdims=True),)
+    return make_op(y, (x,), backward, "log_softmax")

@@ -1,0 +1,374 @@
+"""Tensor and the reverse-mode graph walk.
+
+A ``Tensor`` wraps a NumPy or CuPy array. Every op (``minitransformer.functional``) computes its
+output array and hands ``make_op`` a closure that maps the output's gradient to its inputs'
+gradients — the forward and its backward written in the same breath, as in micrograd.
+``Tensor.backward`` sorts the graph topologically *without recursion* and accumulates the
+gradients of reused nodes.
+"""
+import contextlib
+
+import numpy as np
+
+from . import backend
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Ops inside build no graph: for evaluation, decoding and parameter updates."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+def is_grad_enabled():
+    return _grad_enabled
+
+
+class Tensor:
+    """An array plus what autograd needs: ``grad``, ``requires_grad`` and how it was made.
+
+    ``.grad`` is a plain array on the tensor's device; treat it as read-only (several gradients
+    may share one array). Leaves (tensors you created) keep their gradient after ``backward()``;
+    an intermediate tensor keeps it too once you call ``retain_grad()`` on it before.
+    """
+
+    __array_priority__ = 100  # make ndarray + Tensor call Tensor.__radd__
+
+    def __init__(self, data, requires_grad=False, dtype=None, device=None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if not backend.is_array(data):
+            data = _host_array(data, dtype)
+        elif dtype is not None:
+            data = data.astype(dtype, copy=False)
+        if device is not None:
+            data = backend.to_device(data, device)
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        if self.requires_grad and self.data.dtype.kind != "f":
+            raise TypeError(f"tensor: only floating tensors can require grad, got {self.data.dtype}")
+        self.op = ""            # name of the op that made this tensor ("" for a leaf)
+        self.parents = ()       # the tensors it was computed from
+        self._backward = None   # grad_out -> tuple of grads, one per parent (None = no grad)
+        self._retain_grad = False
+
+    # ---- what the tensor is ------------------------------------------------------------
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def ndim(self):
+        return self.data.ndim
+
+    @property
+    def size(self):
+        return self.data.size
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def device(self):
+        return backend.device_of(self.data)
+
+    @property
+    def xp(self):
+        """``numpy`` or ``cupy``: the module that owns this tensor's array."""
+        return backend.get_array_module(self.data)
+
+    @property
+    def is_leaf(self):
+        return self._backward is None
+
+    def __len__(self):
+        return len(self.data)
+
+    def __repr__(self):
+        body = np.array2string(self.numpy(), precision=4, threshold=20, edgeitems=2,
+                               prefix="tensor(")
+        extra = f", device='{self.device}'" if self.device != "cpu" else ""
+        if self.op:
+            extra += f", op={self.op}"
+        elif self.requires_grad:
+            extra += ", requires_grad=True"
+        return f"tensor({body}, dtype={self.dtype}{extra})"
+
+    # ---- conversions -------------------------------------------------------------------
+    def numpy(self):
+        """A host NumPy array (a copy when the tensor lives on the GPU)."""
+        return backend.to_numpy(self.data)
+
+    def item(self):
+        if self.data.size != 1:
+            raise ValueError(f"item: only a tensor with one element can be converted, got shape {self.shape}")
+        return self.data.reshape(()).item()
+
+    def tolist(self):
+        return self.numpy().tolist()
+
+    def detach(self):
+        """The same array, cut off from the graph."""
+        return Tensor(self.data)
+
+    def to(self, device):
+        """This tensor on ``device`` (itself when already there; a leaf copy otherwise)."""
+        device = backend.check_device(device)
+        if device == self.device:
+            return self
+        return Tensor(backend.to_device(self.data, device), requires_grad=self.requires_grad)
+
+    def astype(self, dtype):
+        from .functional import elementwise
+        return elementwise.astype(self, dtype)
+
+    def retain_grad(self):
+        """Keep this intermediate tensor's gradient after ``backward()`` (to inspect it)."""
+        self._retain_grad = True
+        return self
+
+    def zero_grad(self):
+        self.grad = None
+
+    # ---- the graph walk ----------------------------------------------------------------
+    def backward(self, grad=None, retain_graph=False):
+        """Back-propagate ``grad`` (default 1 for a scalar) to every tensor that requires grad.
+
+        Gradients *accumulate* into ``.grad`` (call ``zero_grad`` between steps). The graph is
+        freed afterwards unless ``retain_graph=True``.
+        """
+        if not self.requires_grad:
+            raise RuntimeError("backward: this tensor does not require grad "
+                               "(no input had requires_grad=True, or it was made under no_grad())")
+        if grad is None:
+            if self.data.size != 1:
+                raise ValueError(f"backward: grad can be omitted only for a scalar output, got shape "
+                                 f"{self.shape}; pass grad= with that shape")
+            grad = self.xp.ones_like(self.data)
+        else:
+            grad = grad.data if isinstance(grad, Tensor) else grad
+            grad = self.xp.asarray(grad, dtype=self.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(f"backward: grad has shape {grad.shape}, expected {self.shape}")
+
+        grads = {id(self): grad}
+        for node in reversed(_topological_order(self)):
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            if node._backward is None or node._retain_grad:
+                node.grad = _contiguous(g) if node.grad is None else node.grad + g
+            if node._backward is None:
+                continue
+            for parent, parent_grad in zip(node.parents, node._backward(g)):
+                if parent_grad is None or not parent.requires_grad:
+                    continue
+                key = id(parent)
+                grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
+            if not retain_graph:  # free saved activations as soon as they are used
+                node._backward, node.parents = _freed_backward, ()
+
+    # ---- operators (the ops and their backwards live in functional/) -------------------
+    def __add__(self, other):
+        return elementwise.add(self, other)
+
+    def __radd__(self, other):
+        return elementwise.add(other, self)
+
+    def __sub__(self, other):
+        return elementwise.sub(self, other)
+
+    def __rsub__(self, other):
+        return elementwise.sub(other, self)
+
+    def __mul__(self, other):
+        return elementwise.mul(self, other)
+
+    def __rmul__(self, other):
+        return elementwise.mul(other, self)
+
+    def __truediv__(self, other):
+        return elementwise.div(self, other)
+
+    def __rtruediv__(self, other):
+        return elementwise.div(other, self)
+
+    def __pow__(self, exponent):
+        return elementwise.pow(self, exponent)
+
+    def __neg__(self):
+        return elementwise.neg(self)
+
+    def __matmul__(self, other):
+        return linear.matmul(self, other)
+
+    def __rmatmul__(self, other):
+        return linear.matmul(other, self)
+
+    def __getitem__(self, index):
+        return shape.getitem(self, index)
+
+    def sum(self, axis=None, keepdims=False):
+        return reduction.sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return reduction.mean(self, axis, keepdims)
+
+    def reshape(self, *shape_):
+        return shape.reshape(self, *shape_)
+
+    def transpose(self, *axes):
+        return shape.transpose(self, *axes)
+
+    @property
+    def T(self):
+        return shape.transpose(self)
+
+    def exp(self):
+        return elementwise.exp(self)
+
+    def log(self):
+        return elementwise.log(self)
+
+    def sqrt(self):
+        return elementwise.sqrt(self)
+
+    def tanh(self):
+        return elementwise.tanh(self)
+
+    def relu(self):
+        return elementwise.relu(self)
+
+    # Comparisons give plain boolean tensors (no gradient), handy for masks.
+    def __eq__(self, other):
+        return Tensor(self.data == _array(other))
+
+    def __ne__(self, other):
+        return Tensor(self.data != _array(other))
+
+    def __lt__(self, other):
+        return Tensor(self.data < _array(other))
+
+    def __le__(self, other):
+        return Tensor(self.data <= _array(other))
+
+    def __gt__(self, other):
+        return Tensor(self.data > _array(other))
+
+    def __ge__(self, other):
+        return Tensor(self.data >= _array(other))
+
+    def __invert__(self):
+        return Tensor(~self.data)
+
+    __hash__ = object.__hash__
+
+
+def _freed_backward(_):
+    raise RuntimeError("backward: this part of the graph was already freed by an earlier "
+                       "backward(); pass retain_graph=True to the first call to go through it twice")
+
+
+def _topological_order(root):
+    """Nodes that require grad, each after all its parents — an explicit stack, no recursion."""
+    order, visited = [], set()
+    stack = [(root, False)]
+    while stack:
+        node, expanded = stack.pop()
+        if expanded:
+            order.append(node)
+            continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        stack.append((node, True))
+        for parent in node.parents:
+            if parent.requires_grad and id(parent) not in visited:
+                stack.append((parent, False))
+    return order
+
+
+def _contiguous(array):
+    # Broadcast views reach here (e.g. from sum's backward); a leaf's .grad should own its memory.
+    return array if array.flags.c_contiguous and array.base is None else array.copy()
+
+
+def _array(x):
+    return x.data if isinstance(x, Tensor) else x
+
+
+def _host_array(data, dtype):
+    """Python data -> NumPy array: floats take the default dtype, ints int64, bools bool."""
+    array = np.asarray(data, dtype=dtype)
+    if dtype is None and array.dtype.kind == "f":
+        array = array.astype(backend.get_default_dtype(), copy=False)
+    elif dtype is None and array.dtype.kind in "iu":
+        array = array.astype(np.int64, copy=False)
+    return array
+
+
+def tensor(data, requires_grad=False, dtype=None, device="cpu"):
+    """Make a leaf tensor, like ``torch.tensor``: floats default to float32 (``set_default_dtype``)."""
+    device = backend.check_device(device)
+    if isinstance(data, Tensor):
+        data = data.data
+    if backend.is_array(data):
+        data = data.astype(dtype or data.dtype, copy=True)
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype, device=device)
+
+
+def as_tensor(x, like=None):
+    """Wrap arrays and Python numbers as constant tensors (on ``like``'s device)."""
+    if isinstance(x, Tensor):
+        return x
+    if backend.is_array(x):
+        return Tensor(x)
+    dtype = like.dtype if like is not None and like.dtype.kind == "f" else None
+    data = _host_array(x, dtype)
+    if like is not None and like.device != "cpu":
+        data = backend.to_device(data, like.device)
+    return Tensor(data)
+
+
+def make_op(data, parents, backward, op):
+    """The output of an op: records its parents and backward when any parent needs a gradient."""
+    out = Tensor(data)
+    if _grad_enabled and any(p.requires_grad for p in parents):
+        out.requires_grad = True
+        out.parents = parents
+        out._backward = backward
+        out.op = op
+    return out
+
+
+def check_same_device(op, *tensors):
+    """Ops never move data silently: inputs on two devices is the caller's mistake."""
+    devices = {t.device for t in tensors if isinstance(t, Tensor)}
+    if len(devices) > 1:
+        shapes = ", ".join(f"{t.device}{tuple(t.shape)}" for t in tensors if isinstance(t, Tensor))
+        raise ValueError(f"{op}: all inputs must be on one device, got {shapes}; move them with .to(device)")
+
+
+def unbroadcast(grad, shape):
+    """Sum a broadcast gradient back down to ``shape`` (the backward of broadcasting)."""
+    if grad.shape == tuple(shape):
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra > 0:
+        grad = grad.sum(axis=tuple(range(extra)))
+    axes = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if axes:
+        grad = grad.sum(axis=axes, keepdims=True)
+    return grad
+
+
+# Imported last: these modules import Tensor and make_op from here.
+from .functional import elementwise, linear, reduction, shape  # noqa: E402
