@@ -1,0 +1,160 @@
+"""``Module`` and ``Parameter``: named, nested containers of trainable tensors.
+
+A module registers every ``Parameter`` and sub-``Module`` assigned to it as an attribute, so
+``named_parameters()`` yields names like ``encoder.layers.0.self_attn.q_proj.weight``: the
+keys of ``state_dict()`` and of checkpoints.
+"""
+from collections import OrderedDict
+
+import numpy as np
+
+from .. import backend
+from ..tensor import Tensor
+
+
+class Parameter(Tensor):
+    """A tensor that is trained: a leaf with ``requires_grad=True``."""
+
+    def __init__(self, data, requires_grad=True):
+        super().__init__(data, requires_grad=requires_grad)
+
+
+class Module:
+    def __init__(self):
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "_buffers", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name, value):
+        if "_parameters" not in self.__dict__:
+            raise RuntimeError(f"{type(self).__name__}: call super().__init__() before assigning attributes")
+        for registry in (self._parameters, self._modules, self._buffers):
+            registry.pop(name, None)
+        if isinstance(value, Parameter):
+            self._parameters[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def register_buffer(self, name, array):
+        """A constant array that moves with the module (e.g. the sinusoid table), not trained."""
+        self._buffers[name] = True
+        object.__setattr__(self, name, array)
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} must define forward()")
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    # ---- walking the tree --------------------------------------------------------------
+    def named_modules(self, prefix=""):
+        yield prefix, self
+        for name, child in self._modules.items():
+            yield from child.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self):
+        return [m for _, m in self.named_modules()]
+
+    def named_parameters(self, prefix=""):
+        seen = set()
+        for module_name, module in self.named_modules(prefix):
+            for name, p in module._parameters.items():
+                if id(p) not in seen:  # a tied parameter is listed once, under its first name
+                    seen.add(id(p))
+                    yield (f"{module_name}.{name}" if module_name else name), p
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def num_parameters(self):
+        return sum(p.size for p in self.parameters())
+
+    # ---- modes and devices -------------------------------------------------------------
+    def train(self, mode=True):
+        """Training mode: dropout on. Returns self."""
+        for m in self.modules():
+            object.__setattr__(m, "training", mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: dropout off. Returns self."""
+        return self.train(False)
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+    def to(self, device):
+        """Move every parameter and buffer to ``device`` in place (tied parameters stay tied)."""
+        device = backend.check_device(device)
+        for p in self.parameters():
+            p.data = backend.to_device(p.data, device)
+            if p.grad is not None:
+                p.grad = backend.to_device(p.grad, device)
+        for m in self.modules():
+            for name in m._buffers:
+                object.__setattr__(m, name, backend.to_device(getattr(m, name), device))
+        return self
+
+    @property
+    def device(self):
+        params = self.parameters()
+        return params[0].device if params else "cpu"
+
+    # ---- state -------------------------------------------------------------------------
+    def state_dict(self):
+        """``{name: host NumPy array}`` of every parameter (copies, device-neutral)."""
+        return OrderedDict((name, backend.to_numpy(p.data).copy()) for name, p in self.named_parameters())
+
+    def load_state_dict(self, state, strict=True):
+        """Copy arrays into the parameters, checking names and shapes.
+
+        With ``strict`` a missing or unexpected key is an error; a wrong shape always is.
+        """
+        params = dict(self.named_parameters())
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        for name, p in params.items():
+            if name not in state:
+                continue
+            value = np.asarray(backend.to_numpy(state[name]))
+            if value.shape != p.shape:
+                raise ValueError(f"load_state_dict: {name} has shape {value.shape} in the state dict, "
+                                 f"expected {p.shape}")
+            p.data = backend.to_device(value.astype(p.dtype, copy=True), p.device)
+        return missing, unexpected
+
+    def __repr__(self):
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, child in self._modules.items():
+            body = repr(child).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {body}")
+        return "\n".join(lines) + (")" if len(lines) == 1 else "\n)")
+
+    def extra_repr(self):
+        return ""
+
+
+class ModuleList(Module):
+    """A list of modules, registered as ``0``, ``1``, … (the ``N`` identical layers of §3.1)."""
+
+    def __init__(self, modules=()):
+        super().__init__()
+        for module in modules:
+            self.append(module)
+
+    def append(self, module):
+        setattr(self, str(len(self._modules)), module)
+
+    def __getitem__(self, i):
+        return list(self._modules.values())[i]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self):
+        return len(self._modules)

@@ -1,0 +1,203 @@
+"""The encoder-decoder Transformer of §3.1, layer by layer.
+
+Each sublayer is wrapped as in the paper, ``LayerNorm(x + Dropout(Sublayer(x)))`` (post-LN);
+``norm_first=True`` gives the pre-LN variant ``x + Dropout(Sublayer(LayerNorm(x)))`` with a
+final LayerNorm after each stack.
+"""
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .. import backend
+from .. import functional as F
+from ..tensor import Tensor
+from .attention import MultiHeadAttention
+from .layers import Dropout, Embedding, LayerNorm, Linear, PositionalEncoding, PositionwiseFeedForward
+from .module import Module, ModuleList
+
+
+class EncoderLayer(Module):
+    """Self-attention sublayer, then feed-forward sublayer (§3.1)."""
+
+    def __init__(self, d_model, num_heads, d_ff, dropout=0.1, norm_first=False):
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
+        self.feed_forward = PositionwiseFeedForward(d_model, d_ff)
+        self.norm1, self.norm2 = LayerNorm(d_model), LayerNorm(d_model)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, x, src_mask):                          # x: (B, S, d_model)
+        if self.norm_first:
+            h = self.norm1(x)
+            x = x + self.dropout(self.self_attn(h, h, h, src_mask))
+            return x + self.dropout(self.feed_forward(self.norm2(x)))
+        x = self.norm1(x + self.dropout(self.self_attn(x, x, x, src_mask)))
+        return self.norm2(x + self.dropout(self.feed_forward(x)))
+
+
+class DecoderLayer(Module):
+    """Masked self-attention, attention over the encoder output, feed-forward (§3.1)."""
+
+    def __init__(self, d_model, num_heads, d_ff, dropout=0.1, norm_first=False):
+        super().__init__()
+        self.norm_first = norm_first
+        self.self_attn = MultiHeadAttention(d_model, num_heads, dropout)
+        self.cross_attn = MultiHeadAttention(d_model, num_heads, dropout)
+        self.feed_forward = PositionwiseFeedForward(d_model, d_ff)
+        self.norm1, self.norm2, self.norm3 = LayerNorm(d_model), LayerNorm(d_model), LayerNorm(d_model)
+        self.dropout = Dropout(dropout)
+
+    def forward(self, y, memory, tgt_mask, src_mask, cache=None):   # y: (B, T, d_model)
+        self_cache = cache["self"] if cache is not None else None
+        cross_cache = cache["cross"] if cache is not None else None
+        if self.norm_first:
+            h = self.norm1(y)
+            y = y + self.dropout(self.self_attn(h, h, h, tgt_mask, cache=self_cache))
+            h = self.norm2(y)
+            y = y + self.dropout(self.cross_attn(h, memory, memory, src_mask, cache=cross_cache, static_kv=True))
+            return y + self.dropout(self.feed_forward(self.norm3(y)))
+        y = self.norm1(y + self.dropout(self.self_attn(y, y, y, tgt_mask, cache=self_cache)))
+        y = self.norm2(y + self.dropout(self.cross_attn(y, memory, memory, src_mask,
+                                                        cache=cross_cache, static_kv=True)))
+        return self.norm3(y + self.dropout(self.feed_forward(y)))
+
+
+class Encoder(Module):
+    """A stack of ``N`` identical encoder layers."""
+
+    def __init__(self, num_layers, d_model, num_heads, d_ff, dropout=0.1, norm_first=False):
+        super().__init__()
+        self.layers = ModuleList(EncoderLayer(d_model, num_heads, d_ff, dropout, norm_first)
+                                 for _ in range(num_layers))
+        self.norm = LayerNorm(d_model) if norm_first else None
+
+    def forward(self, x, src_mask):
+        for layer in self.layers:
+            x = layer(x, src_mask)
+        return self.norm(x) if self.norm is not None else x
+
+
+class Decoder(Module):
+    """A stack of ``N`` identical decoder layers."""
+
+    def __init__(self, num_layers, d_model, num_heads, d_ff, dropout=0.1, norm_first=False):
+        super().__init__()
+        self.layers = ModuleList(DecoderLayer(d_model, num_heads, d_ff, dropout, norm_first)
+                                 for _ in range(num_layers))
+        self.norm = LayerNorm(d_model) if norm_first else None
+
+    def forward(self, y, memory, tgt_mask, src_mask, cache=None):
+        for i, layer in enumerate(self.layers):
+            y = layer(y, memory, tgt_mask, src_mask, cache[i] if cache is not None else None)
+        return self.norm(y) if self.norm is not None else y
+
+
+@dataclass
+class TransformerConfig:
+    """Everything needed to rebuild a model (saved beside every checkpoint)."""
+    vocab_size: int
+    d_model: int = 512
+    num_heads: int = 8
+    num_layers: int = 6
+    d_ff: int = 2048
+    dropout: float = 0.1
+    pad_id: int = 0
+    max_len: int = 512
+    norm_first: bool = False
+    share_embeddings: bool = True
+    learned_positions: bool = False
+
+
+def padding_mask(ids, pad_id):
+    """``(B, L)`` ids -> ``(B, 1, 1, L)``: True where the key is a real token."""
+    return (ids != pad_id)[:, None, None, :]
+
+
+def causal_mask(T):
+    """``(T, T)``: position i may attend to positions ≤ i (§3.2.3, "masking out … illegal connections")."""
+    return np.tril(np.ones((T, T), dtype=bool))
+
+
+class Transformer(Module):
+    """The full model of §3: ``model(src_ids (B, S), tgt_in_ids (B, T))`` -> logits ``(B, T, vocab)``.
+
+    With ``share_embeddings`` one embedding matrix serves source, target and the pre-softmax
+    projection, and the embeddings are multiplied by √d_model (§3.4). Masks are built from
+    ``pad_id``: padded keys are never attended to, and the decoder cannot look ahead.
+    """
+
+    def __init__(self, vocab_size, d_model=512, num_heads=8, num_layers=6, d_ff=2048, dropout=0.1,
+                 pad_id=0, max_len=512, norm_first=False, share_embeddings=True, learned_positions=False):
+        super().__init__()
+        self.config = TransformerConfig(vocab_size, d_model, num_heads, num_layers, d_ff, dropout,
+                                        pad_id, max_len, norm_first, share_embeddings, learned_positions)
+        self.d_model, self.pad_id, self.vocab_size = d_model, pad_id, vocab_size
+        self.embedding = Embedding(vocab_size, d_model)          # source (and target, and output)
+        if share_embeddings:
+            self.tgt_embedding, self.generator = None, None
+        else:
+            self.tgt_embedding = Embedding(vocab_size, d_model)
+            self.generator = Linear(d_model, vocab_size, bias=False)
+        self.positional_encoding = PositionalEncoding(d_model, max_len, dropout, learned_positions)
+        self.encoder = Encoder(num_layers, d_model, num_heads, d_ff, dropout, norm_first)
+        self.decoder = Decoder(num_layers, d_model, num_heads, d_ff, dropout, norm_first)
+
+    @classmethod
+    def from_config(cls, config):
+        config = config if isinstance(config, dict) else asdict(config)
+        return cls(**config)
+
+    def _ids(self, ids, what):
+        ids = ids.data if isinstance(ids, Tensor) else ids
+        ids = ids if backend.is_array(ids) else np.asarray(ids)
+        if ids.ndim != 2:
+            raise ValueError(f"Transformer: {what} must be (batch, length) token ids, got shape {ids.shape}")
+        return ids
+
+    def _mask(self, mask):
+        return backend.to_device(mask, self.device)
+
+    def embed(self, ids, embedding, offset=0):
+        """Token embedding · √d_model + positional encoding, then dropout (§3.4, §3.5)."""
+        return self.positional_encoding(embedding(ids) * math.sqrt(self.d_model), offset)
+
+    def encode(self, src_ids):
+        """``src_ids (B, S)`` -> ``(memory (B, S, d_model), src_mask (B, 1, 1, S))``."""
+        src_ids = self._ids(src_ids, "src_ids")
+        src_mask = self._mask(padding_mask(src_ids, self.pad_id))
+        return self.encoder(self.embed(src_ids, self.embedding), src_mask), src_mask
+
+    def decode(self, tgt_ids, memory, src_mask, cache=None):
+        """``tgt_ids (B, T)`` -> logits ``(B, T, vocab)``.
+
+        With a ``cache`` (from ``new_cache()``) pass only the newest tokens: earlier keys and
+        values are reused instead of recomputed (decoding, §6.1).
+        """
+        tgt_ids = self._ids(tgt_ids, "tgt_ids")
+        T = tgt_ids.shape[1]
+        offset = cache["length"] if cache is not None else 0
+        if cache is None:
+            tgt_mask = self._mask(causal_mask(T)[None, None] & padding_mask(tgt_ids, self.pad_id))
+        else:   # the new tokens see every cached one, and each other causally
+            tgt_mask = self._mask(np.tril(np.ones((T, offset + T), dtype=bool), k=offset)) if T > 1 else None
+            cache["length"] += T
+        y = self.embed(tgt_ids, self.tgt_embedding or self.embedding, offset)
+        y = self.decoder(y, memory, tgt_mask, src_mask, cache["layers"] if cache is not None else None)
+        if self.generator is not None:
+            return self.generator(y)
+        return F.linear(y, self.embedding.weight)             # tied pre-softmax projection (§3.4)
+
+    def new_cache(self):
+        """An empty key/value cache for step-by-step decoding."""
+        return {"length": 0, "layers": [{"self": {}, "cross": {}} for _ in self.decoder.layers]}
+
+    def forward(self, src_ids, tgt_in_ids):
+        memory, src_mask = self.encode(src_ids)
+        return self.decode(tgt_in_ids, memory, src_mask)
+
+    def extra_repr(self):
+        c = self.config
+        return (f"vocab_size={c.vocab_size}, d_model={c.d_model}, num_heads={c.num_heads}, "
+                f"num_layers={c.num_layers}, d_ff={c.d_ff}, dropout={c.dropout}")
