@@ -42,7 +42,7 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0):
     analytic = [backend.to_numpy(t.grad) if t.grad is not None else np.zeros(t.shape) for t in checked]
 
     with no_grad():
-        for which, (t, grad) in enumerate(zip(checked, analytic)):
+        for t, grad in zip(checked, analytic):
             flat = t.data.reshape(-1)   # a view: perturb in place, then restore
             numeric = np.empty(t.size)
             for i in range(t.size):
@@ -57,7 +57,7 @@ def gradcheck(fn, *inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0):
             error = np.abs(grad - numeric) - (atol + rtol * np.abs(numeric))
             if (error > 0).any():
                 worst = np.unravel_index(np.argmax(error), t.shape)
-                position = inputs.index(t) if any(x is t for x in inputs) else which
+                position = next(i for i, x in enumerate(inputs) if x is t)  # not .index: == is elementwise
                 raise GradcheckError(
                     f"gradcheck failed for {op}: input {position} (shape {t.shape}) at index "
                     f"{tuple(int(i) for i in worst)}: analytic {grad[worst]:.8g} vs numeric "

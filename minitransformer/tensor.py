@@ -43,6 +43,8 @@ class Tensor:
     def __init__(self, data, requires_grad=False, dtype=None, device=None):
         if isinstance(data, Tensor):
             data = data.data
+        if isinstance(data, np.generic):  # a NumPy scalar (a full reduction) keeps its dtype
+            data = np.asarray(data)
         if not backend.is_array(data):
             data = _host_array(data, dtype)
         elif dtype is not None:
@@ -331,7 +333,8 @@ def as_tensor(x, like=None):
         return x
     if backend.is_array(x):
         return Tensor(x)
-    dtype = like.dtype if like is not None and like.dtype.kind == "f" else None
+    numbers = np.asarray(x).dtype.kind != "b"  # a list of bools stays a boolean mask
+    dtype = like.dtype if like is not None and like.dtype.kind == "f" and numbers else None
     data = _host_array(x, dtype)
     if like is not None and like.device != "cpu":
         data = backend.to_device(data, like.device)

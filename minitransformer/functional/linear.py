@@ -16,6 +16,8 @@ def matmul(a, b):
     check_same_device("matmul", a, b)
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: scalars cannot be multiplied with @, got shapes {a.shape} and {b.shape}")
+    if a.ndim == 1 and b.ndim == 1:  # a dot product: (n,) @ (n,) -> ()
+        return matmul(a.reshape(1, -1), b.reshape(-1, 1)).reshape(())
     if a.ndim == 1:  # a row vector: (n,) @ (..., n, m) -> (..., m)
         return matmul(a.reshape(1, -1), b).reshape(*b.shape[:-2], b.shape[-1])
     if b.ndim == 1:  # a column vector: (..., n) @ (n,) -> (...,)
@@ -52,14 +54,17 @@ def linear(x, weight, bias=None):
     if bias is not None and parents[2].shape != (out_features,):
         raise ValueError(f"linear: bias must have shape ({out_features},), got {parents[2].shape}")
 
-    y = x.data @ weight.data.T
+    # Leading axes flattened to one row axis: one GEMM instead of a GEMM per batch element.
+    x2 = x.data.reshape(-1, in_features)                                    # (n, in)
+    y = x2 @ weight.data.T                                                  # (n, out)
     if bias is not None:
         y += parents[2].data
+    y = y.reshape(*x.shape[:-1], out_features)
 
     def backward(g):
-        g2 = g.reshape(-1, out_features)  # (n, out)
-        dx = (g @ weight.data) if x.requires_grad else None
-        dw = (g2.T @ x.data.reshape(-1, in_features)) if weight.requires_grad else None
+        g2 = g.reshape(-1, out_features)                                    # (n, out)
+        dx = (g2 @ weight.data).reshape(x.shape) if x.requires_grad else None
+        dw = (g2.T @ x2) if weight.requires_grad else None
         if bias is None:
             return dx, dw
         return dx, dw, (g2.sum(axis=0) if parents[2].requires_grad else None)

@@ -41,7 +41,10 @@ def cross_entropy(logits, target, ignore_index=None, label_smoothing=0.0):
 
     xp, dtype = logits.xp, logits.dtype
     shifted = logits.data - logits.data.max(axis=1, keepdims=True)
-    log_p = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))     # (N, C)
+    p = xp.exp(shifted)
+    total = p.sum(axis=1, keepdims=True)
+    log_p = shifted - xp.log(total)                                            # (N, C)
+    p /= total                                                                 # softmax, kept for backward
     rows = xp.arange(N)
     nll = -log_p[rows, target]                                                 # -log p_t
     smooth = -log_p.mean(axis=1)                                               # -Σ_c log p_c / C
@@ -51,8 +54,7 @@ def cross_entropy(logits, target, ignore_index=None, label_smoothing=0.0):
     loss = (per_row * weight).sum() / n
 
     def backward(g):
-        dlogits = xp.exp(log_p)                                                # softmax
-        dlogits -= label_smoothing / C
+        dlogits = p - dtype.type(label_smoothing / C)
         dlogits[rows, target] -= 1.0 - label_smoothing
         dlogits *= (weight * (g / n))[:, None]
         return (dlogits,)
