@@ -7,6 +7,7 @@ are saved from the host, so a checkpoint written on the GPU loads on the CPU and
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -70,11 +71,14 @@ def read_checkpoint(path):
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-    except (ValueError, OSError) as e:  # truncated or not an npz at all
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # truncated, corrupt or not an npz
         raise ValueError(f"checkpoint {path} cannot be read ({e})") from None
     if _META not in arrays:
         raise ValueError(f"checkpoint {path} is not a minitransformer checkpoint (no {_META})")
-    return arrays, json.loads(str(arrays.pop(_META)))
+    try:
+        return arrays, json.loads(str(arrays.pop(_META)))
+    except ValueError as e:  # json.JSONDecodeError
+        raise ValueError(f"checkpoint {path} has an unreadable {_META} ({e})") from None
 
 
 def load_checkpoint(path, model, optimizer=None, schedule=None, strict=True):

@@ -22,7 +22,9 @@ def _step_logprobs(model, tokens, memory, src_mask, cache):
         logits = model.decode(tokens[:, -1:], memory, src_mask, cache)
     else:
         logits = model.decode(tokens, memory, src_mask)
-    return backend.to_numpy(F.log_softmax(logits[:, -1, :]).data).astype(np.float64)
+    logp = backend.to_numpy(F.log_softmax(logits[:, -1, :]).data).astype(np.float64)
+    logp[:, model.pad_id] = -np.inf   # never predict padding: the uncached decoder masks pad keys out
+    return logp
 
 
 def greedy_decode(model, src_ids, bos_id, eos_id, max_len_a=1.0, max_len_b=50, use_cache=True):
@@ -58,6 +60,14 @@ def greedy_decode(model, src_ids, bos_id, eos_id, max_len_a=1.0, max_len_b=50, u
 def length_penalty(length, alpha):
     """Wu et al. (2016): ``lp(Y) = ((5 + |Y|) / 6)^α``; scores are divided by it (§6.1: α = 0.6)."""
     return ((5.0 + length) / 6.0) ** alpha
+
+
+def _top_k(scores, k):
+    """Column indices of the ``k`` largest scores of each row, best first (ties: lower index)."""
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
+        np.tile(np.arange(scores.shape[1]), (len(scores), 1))
+    order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
+    return np.take_along_axis(part, order, axis=1)
 
 
 def _reorder_cache(cache, rows):
@@ -96,19 +106,19 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
             logp = _step_logprobs(model, tokens, memory, src_mask, cache)   # (B·K, V)
             V = logp.shape[1]
             candidates = (scores[:, :, None] + logp.reshape(B, K, V)).reshape(B, K * V)
-            top = np.argsort(-candidates, axis=1, kind="stable")[:, : 2 * K]  # enough to keep K non-eos
+            top = _top_k(candidates, min(2 * K, K * V))   # 2K: enough to keep K that are not eos
             rows = np.arange(B * K).reshape(B, K).copy()  # default: finished sentences keep their rows
             next_tokens = np.full((B, K), eos_id, dtype=np.int64)
             for b in np.flatnonzero(~done):
                 alive = 0
-                for flat in top[b]:
+                for rank, flat in enumerate(top[b]):
                     score = candidates[b, flat]
                     beam, token = divmod(int(flat), V)
                     if not np.isfinite(score):
                         break
                     prefix = tokens[b * K + beam, 1:].tolist()
-                    if token == eos_id:
-                        if len(finished[b]) < K:
+                    if token == eos_id:   # only an eos among the K best ends a hypothesis (beam 1 = greedy)
+                        if rank < K and len(finished[b]) < K:
                             finished[b].append((score / length_penalty(step + 1, alpha), prefix))
                     elif alive < K:
                         rows[b, alive] = b * K + beam

@@ -25,7 +25,7 @@ class Optimizer:
         state = {"step_count": self.step_count, "lr": self.lr}
         for name, buffers in self._buffers().items():
             for i, array in enumerate(buffers):
-                state[f"{name}.{i}"] = backend.to_numpy(array)
+                state[f"{name}.{i}"] = backend.to_numpy(array).copy()  # a snapshot: step() updates in place
         return state
 
     def load_state_dict(self, state):

@@ -7,6 +7,7 @@ position and random state), and a checkpoint on Ctrl-C.
 """
 import math
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -136,11 +137,19 @@ class Trainer:
             raise ValueError("Trainer: set a step budget (steps) or a time budget (minutes)")
         bar = _progress(c.steps, self.step, self.progress)
         started, tokens_since, t_since, pending = time.perf_counter(), 0, time.perf_counter(), []
-        interrupted = False
+        interrupted, stop = False, []
         previous_handler = signal.getsignal(signal.SIGINT)
+        catch_ctrl_c = threading.current_thread() is threading.main_thread() and previous_handler is not None
+
+        def on_ctrl_c(signum, frame):  # stop after the current update, never half-way through one
+            if stop:                   # a second Ctrl-C stops at once
+                raise KeyboardInterrupt
+            stop.append(signum)
+        if catch_ctrl_c:
+            signal.signal(signal.SIGINT, on_ctrl_c)
         try:
             for i, batch in self._stream():
-                if self._finished(started):
+                if stop or self._finished(started):
                     break
                 loss = train_step(self.model, self.optimizer, self.schedule, batch,
                                   c.label_smoothing, c.clip_norm)
@@ -166,7 +175,9 @@ class Trainer:
         finally:
             self.elapsed += time.perf_counter() - started
             bar.close()
-            signal.signal(signal.SIGINT, previous_handler)
+            if catch_ctrl_c:
+                signal.signal(signal.SIGINT, previous_handler)
+        interrupted = interrupted or bool(stop)
         if self.out_dir is not None:  # the resumable state, also after Ctrl-C
             self.save(self.out_dir / "last.npz")
         if interrupted:

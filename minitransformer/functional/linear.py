@@ -16,15 +16,16 @@ def matmul(a, b):
     check_same_device("matmul", a, b)
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: scalars cannot be multiplied with @, got shapes {a.shape} and {b.shape}")
+    inner = b.shape[-2] if b.ndim > 1 else b.shape[0]  # checked before 1-D operands are reshaped
+    if a.shape[-1] != inner:
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not match: "
+                         f"a's last axis ({a.shape[-1]}) must equal b's {'second-to-last' if b.ndim > 1 else 'only'} axis ({inner})")
     if a.ndim == 1 and b.ndim == 1:  # a dot product: (n,) @ (n,) -> ()
         return matmul(a.reshape(1, -1), b.reshape(-1, 1)).reshape(())
     if a.ndim == 1:  # a row vector: (n,) @ (..., n, m) -> (..., m)
         return matmul(a.reshape(1, -1), b).reshape(*b.shape[:-2], b.shape[-1])
     if b.ndim == 1:  # a column vector: (..., n) @ (n,) -> (...,)
         return matmul(a, b.reshape(-1, 1)).reshape(*a.shape[:-1])
-    if a.shape[-1] != b.shape[-2]:
-        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not match: "
-                         f"a's last axis ({a.shape[-1]}) must equal b's second-to-last ({b.shape[-2]})")
     try:
         a.xp.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     except ValueError:

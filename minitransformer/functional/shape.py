@@ -1,6 +1,8 @@
 """Ops that move elements around without arithmetic: reshape, transpose, indexing, concat,
 split, masked_fill. Each backward puts the gradient back where the element came from.
 docs/backward.md#shape-ops."""
+import numpy as np
+
 from .. import backend
 from ..tensor import Tensor, as_tensor, check_same_device, make_op
 
@@ -24,7 +26,7 @@ def transpose(x, *axes):
     axes = axes or tuple(reversed(range(x.ndim)))
     if sorted(a % max(x.ndim, 1) for a in axes) != list(range(x.ndim)):
         raise ValueError(f"transpose: axes {axes} are not a permutation of the {x.ndim} axes of {x.shape}")
-    inverse = x.xp.argsort(x.xp.asarray(axes) % max(x.ndim, 1)).tolist()
+    inverse = np.argsort(np.asarray(axes) % max(x.ndim, 1)).tolist()   # host-side bookkeeping
     return make_op(x.data.transpose(axes), (x,), lambda g: (g.transpose(inverse),), "transpose")
 
 
@@ -88,7 +90,7 @@ def concat(tensors, axis=0):
         bounds.append(bounds[-1] + t.shape[axis])
 
     def backward(g):
-        return tuple(xp.take(g, xp.arange(lo, hi), axis=axis) if t.requires_grad else None
+        return tuple(g[(slice(None),) * axis + (slice(lo, hi),)] if t.requires_grad else None
                      for t, lo, hi in zip(tensors, bounds[:-1], bounds[1:]))
     return make_op(xp.concatenate([t.data for t in tensors], axis=axis), tuple(tensors), backward, "concat")
 

@@ -1,0 +1,157 @@
+"""One training step of minitransformer and of its PyTorch twin, on the same device, in the same run.
+
+    python benchmarks/train_step.py --device cpu --config tiny
+    python benchmarks/train_step.py --device cuda --config base [--tf32] [--cuda-graph] [--json]
+
+Both models get the same config, weights and batch (random tokens, B × L source and target),
+the same loss (label smoothing 0.1), Adam and the Noam schedule. Reported per side: ms/step
+(median of the timed steps), target tokens/s, achieved matmul TFLOP/s (analytic count, training
+= 3 × forward) and peak memory (GPU only); then the ratio ours/torch of tokens/s.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+CONFIGS = {  # the issue's reference configurations
+    "tiny": dict(vocab_size=4000, d_model=128, num_heads=4, num_layers=2, d_ff=512, batch=32, length=16),
+    "small": dict(vocab_size=8000, d_model=256, num_heads=4, num_layers=3, d_ff=1024, batch=64, length=32),
+    "base": dict(vocab_size=37000, d_model=512, num_heads=8, num_layers=6, d_ff=2048, batch=64, length=128),
+}
+
+
+def matmul_flops(c):
+    """Forward matmul FLOPs of one batch (2 per multiply-add), times 3 for forward + backward."""
+    B, L, d, ff, N, V = c["batch"], c["length"], c["d_model"], c["d_ff"], c["num_layers"], c["vocab_size"]
+    S = T = L
+    enc = N * (8 * B * S * d * d + 4 * B * S * S * d + 4 * B * S * d * ff)
+    dec = N * (8 * B * T * d * d + 4 * B * T * T * d            # masked self-attention
+               + 4 * B * T * d * d + 4 * B * S * d * d + 4 * B * T * S * d  # cross-attention
+               + 4 * B * T * d * ff)
+    return 3 * (enc + dec + 2 * B * T * d * V)
+
+
+def make_batch(c, seed=0):
+    rng = np.random.default_rng(seed)
+    B, L = c["batch"], c["length"]
+    src = rng.integers(4, c["vocab_size"], size=(B, L))
+    tgt = rng.integers(4, c["vocab_size"], size=(B, L + 1))
+    return src, tgt[:, :-1].copy(), tgt[:, 1:].copy()
+
+
+def model_kwargs(c, dropout):
+    keys = ("vocab_size", "d_model", "num_heads", "num_layers", "d_ff")
+    return dict({k: c[k] for k in keys}, dropout=dropout, max_len=max(512, c["length"] + 1))
+
+
+def time_steps(step, sync, warmup, steps):
+    for _ in range(warmup):
+        step()
+    sync()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_ours(c, device, args):
+    import minitransformer as mt
+    from minitransformer.data import Batch
+    from minitransformer.optim import Adam, NoamSchedule
+    from minitransformer.train import train_step
+    mt.manual_seed(0)
+    model = mt.nn.Transformer(**model_kwargs(c, args.dropout)).to(device)
+    src, tgt_in, tgt_out = make_batch(c)
+    batch = Batch(src, tgt_in, tgt_out, np.arange(len(src)))
+    opt = Adam(model.parameters(), lr=0.0)
+    schedule = NoamSchedule(opt, c["d_model"], 4000)
+    xp = mt.backend.xp_for(device)
+    pool = None
+    if device == "cuda":
+        pool = xp.get_default_memory_pool()
+        sync = xp.cuda.Device().synchronize
+    else:
+        def sync():
+            pass
+    seconds = time_steps(lambda: train_step(model, opt, schedule, batch, 0.1), sync, args.warmup, args.steps)
+    peak = pool.total_bytes() / 2**20 if pool is not None else None
+    return seconds, peak
+
+
+def bench_torch(c, device, args):
+    import torch
+    from torch_twin import TorchTransformer, make_optimizer, train_step
+    torch.manual_seed(0)
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = args.tf32
+        torch.backends.cudnn.allow_tf32 = args.tf32
+    model = TorchTransformer(**model_kwargs(c, args.dropout)).to(device)
+    src, tgt_in, tgt_out = (torch.as_tensor(a, device=device) for a in make_batch(c))
+    opt = make_optimizer(model)
+    counter = [0]
+
+    def step():
+        counter[0] += 1
+        train_step(model, opt, counter[0], src, tgt_in, tgt_out, 0.1)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = time_steps(step, sync, args.warmup, args.steps)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return seconds, peak
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    parser.add_argument("--tf32", action="store_true", help="TF32 matmuls on both sides (GPU)")
+    parser.add_argument("--cuda-graph", action="store_true", help="capture our step as a CUDA graph")
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    if args.tf32:
+        os.environ["CUPY_TF32"] = "1"   # read by CuPy when it first runs a matmul
+    if args.cuda_graph:
+        parser.error("--cuda-graph: capturing the step as a CUDA graph is not implemented yet")
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    c = CONFIGS[args.config]
+    tokens = c["batch"] * c["length"]
+    flops = matmul_flops(c)
+    result = {"config": args.config, "device": args.device, "tf32": args.tf32, **c}
+    for name, bench in (("ours", bench_ours), ("torch", bench_torch)):
+        seconds, peak = bench(c, args.device, args)
+        result[name] = {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens / seconds,
+                        "tflops": flops / seconds / 1e12, "peak_mib": peak}
+    result["ratio_tokens_per_s"] = result["ours"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
+    if args.json:
+        print(json.dumps(result))
+        return
+    print(f"{args.config} on {args.device}{' (TF32)' if args.tf32 else ''}: batch {c['batch']}×{c['length']}")
+    for name in ("ours", "torch"):
+        r = result[name]
+        peak = f"{r['peak_mib']:.0f} MiB" if r["peak_mib"] is not None else "n/a"
+        print(f"  {name:6s} {r['ms_per_step']:9.2f} ms/step  {r['tokens_per_s']:10.0f} tok/s  "
+              f"{r['tflops']:7.3f} TFLOP/s  peak {peak}")
+    print(f"  ratio ours/torch (tokens/s): {result['ratio_tokens_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

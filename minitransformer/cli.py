@@ -1,0 +1,573 @@
+"""The command line: ``minitransformer train | translate | evaluate | attention | data fetch``.
+
+    minitransformer train                       # Tatoeba en→es, preset and time budget fit the machine
+    minitransformer train --preset small --minutes 60 --out runs/small
+    minitransformer translate --checkpoint runs/small "How are you?"
+    minitransformer evaluate --checkpoint runs/small --split test
+    minitransformer attention --checkpoint runs/small "I like cats." --out cats.png
+    minitransformer data fetch --corpus spa
+
+A run directory holds everything needed to use the model again: ``config.json`` (model, data and
+training settings), ``tokenizer.model``, interval checkpoints ``checkpoint-<step>.npz``,
+``last.npz``, ``bleu.json`` and ``attention.png``. A user mistake prints one line,
+``minitransformer: error: …``, and exits 1 (2 for a bad command line); set MINITRANSFORMER_DEBUG=1
+to see the traceback instead.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+# Presets: the model (§3, Table 3), vocabulary and batching of a run, from a laptop to the paper.
+# ``max_tokens`` is the per-side token budget of a batch (the paper's ≈25k, scaled down), ``warmup_steps``
+# the Noam schedule's warm-up (§5.3; shorter than the paper's 4000 because these runs are short), and
+# ``dropout`` is P_drop (§5.4). Parameter counts are with the preset's vocabulary (embeddings tied, §3.4).
+PRESETS = {
+    # 2+2 layers, 1.4M parameters: learns most in a few minutes of CPU (≈150 steps/min on one core).
+    "tiny": dict(d_model=128, num_heads=4, num_layers=2, d_ff=512, dropout=0.1,
+                 vocab_size=4000, max_tokens=2500, warmup_steps=400),
+    # 3+3 layers, 7.6M parameters: 4–7× fewer tokens/s than tiny on a 2-core CPU; for an hour or more, or a GPU.
+    "small": dict(d_model=256, num_heads=4, num_layers=3, d_ff=1024, dropout=0.1,
+                  vocab_size=8000, max_tokens=4000, warmup_steps=1000),
+    # The paper's base model (§3, Table 3 "base"): 6+6 layers, 52M parameters with this vocabulary.
+    "base": dict(d_model=512, num_heads=8, num_layers=6, d_ff=2048, dropout=0.1,
+                 vocab_size=16000, max_tokens=12000, warmup_steps=4000),
+}
+# What ``--preset auto`` picks on each device. On a 2-core CPU tiny trains 4–7× more tokens per second
+# than small, which decides a run of minutes; the GPU choice is not measured yet.
+AUTO_PRESET = {"cpu": "tiny", "cuda": "small"}
+# With neither --steps nor --minutes, the whole ``train`` command (data, training, final BLEU, plot)
+# is planned to finish within this many minutes; training gets what data and evaluation leave.
+DEFAULT_TOTAL_MINUTES = {"cpu": 14.0, "cuda": 30.0}
+# Minutes kept back for the final evaluation (valid loss, test BLEU with beam search, attention plot).
+EVAL_RESERVE_MINUTES = {"cpu": 2.0, "cuda": 3.0}
+# Test sentences scored at the end of ``train`` (None: all). Beam search over the whole test split
+# takes several minutes on a CPU, so a fixed random sample of it is scored there.
+DEFAULT_TEST_LIMIT = {"cpu": 500, "cuda": None}
+MAX_LEN = 64           # sentence pairs longer than this many subword tokens are left out of training
+SPLIT = dict(valid_size=0.02, test_size=0.02)
+
+_PROG = "minitransformer"
+
+
+class UserError(Exception):
+    """A mistake in the command line, files or data: reported as one line, no traceback."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Run directories
+# ---------------------------------------------------------------------------------------------------
+
+def latest_checkpoint(run_dir):
+    """The most recently written of ``last.npz`` and ``checkpoint-*.npz`` in ``run_dir`` (None if none).
+    After a finished or interrupted run that is ``last.npz``; after a crash, the newest interval one."""
+    run_dir = Path(run_dir)
+    candidates = [p for p in [run_dir / "last.npz", *sorted(run_dir.glob("checkpoint-*.npz"), reverse=True)]
+                  if p.is_file()]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: p.stat().st_mtime)   # max keeps the first (last.npz) on ties
+
+
+def _run_paths(checkpoint):
+    """``--checkpoint`` is a run directory or a ``.npz`` file inside one: (run_dir, checkpoint file)."""
+    path = Path(checkpoint)
+    if not path.exists():
+        raise UserError(f"{path}: no such run directory")
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise UserError(f"{path}: expected a run directory or a .npz checkpoint")
+        return path.parent, path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise UserError(f"{path}: no checkpoint in this directory (expected last.npz or checkpoint-*.npz)")
+    return path, found
+
+
+def _read_config(run_dir):
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot be read as JSON ({e})") from None
+
+
+def _read_tokenizer(run_dir):
+    from .data import Tokenizer
+    path = Path(run_dir) / "tokenizer.model"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no tokenizer.model")
+    try:
+        return Tokenizer.load(path)
+    except RuntimeError as e:   # sentencepiece: not a model file
+        raise UserError(f"{path}: not a sentencepiece model ({str(e).strip().splitlines()[-1]})") from None
+
+
+def load_run(checkpoint, device="cpu"):
+    """Rebuild a trained model from a run directory: returns ``(model, tokenizer, config, checkpoint path)``."""
+    from .checkpoint import read_checkpoint
+    from .nn.transformer import Transformer
+    run_dir, ckpt = _run_paths(checkpoint)
+    config = _read_config(run_dir)
+    tokenizer = _read_tokenizer(run_dir)
+    arrays, info = read_checkpoint(ckpt)
+    model_config = info.get("config") or config.get("model")
+    if not model_config:
+        raise UserError(f"{ckpt}: holds no model configuration")
+    if model_config["vocab_size"] != tokenizer.vocab_size:
+        raise UserError(f"{ckpt} was trained with a vocabulary of {model_config['vocab_size']} pieces but "
+                        f"{run_dir / 'tokenizer.model'} has {tokenizer.vocab_size}: they are not from the same run")
+    model = Transformer.from_config(model_config)
+    model.load_state_dict({k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")})
+    model.to(device)
+    model.eval()
+    return model, tokenizer, config, ckpt
+
+
+def _new_run_dir(root="runs"):
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    path, n = Path(root) / stamp, 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{stamp}_{n}"
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data: the same splits at training and at evaluation time
+# ---------------------------------------------------------------------------------------------------
+
+def _data_path(data, progress):
+    """A TSV path, a corpus name (spa, ukr) or None (spa), as a path to a file."""
+    from .data import CORPORA, fetch_corpus
+    if data is None or (str(data) in CORPORA and not Path(data).exists()):
+        return fetch_corpus(str(data or "spa"), progress=progress)
+    return Path(data)
+
+
+def _splits(settings, data=None, progress=False):
+    """Re-derive train/valid/test from the data settings stored in config.json (same seed, same
+    sizes, same limit), optionally from another copy of the file (``data``)."""
+    from .data import read_pairs, split_pairs
+    path = _data_path(data if data is not None else settings.get("path"), progress)
+    pairs = read_pairs(path, reverse=settings.get("reverse", False))[:settings.get("limit")]
+    return split_pairs(pairs, valid_size=settings.get("valid_size", SPLIT["valid_size"]),
+                       test_size=settings.get("test_size", SPLIT["test_size"]), seed=settings.get("split_seed", 0))
+
+
+def _encode(tokenizer, pairs, max_len=MAX_LEN):
+    from .data import filter_by_length
+    src = tokenizer.encode_batch(s for s, _ in pairs)
+    tgt = tokenizer.encode_batch(t for _, t in pairs)
+    kept = filter_by_length(src, tgt, max_len)
+    return [src[i] for i in kept], [tgt[i] for i in kept]
+
+
+def sample_pairs(pairs, limit, seed=0):
+    """A fixed random subset of ``limit`` pairs (all when ``limit`` is None or not smaller), in their
+    original order. Tatoeba's file is sorted by length, so the first N pairs would be the shortest."""
+    if limit is None or limit >= len(pairs):
+        return list(pairs)
+    keep = np.sort(np.random.default_rng(seed).choice(len(pairs), size=limit, replace=False))
+    return [pairs[i] for i in keep]
+
+
+# ---------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------
+
+def _say(msg):
+    print(msg, flush=True)
+
+
+def _fmt_minutes(seconds):
+    return f"{seconds / 60:.1f} min"
+
+
+def cmd_train(args):
+    from . import backend
+    from .checkpoint import read_checkpoint, write_json
+    from .data import TokenBatcher, prepare_corpus
+    from .evaluate import translate
+    from .nn.transformer import Transformer
+    from .train import TrainConfig, Trainer
+
+    started = time.perf_counter()
+    device = _device(args.device)
+    progress = not args.no_progress
+    out = Path(args.out) if args.out else _new_run_dir()
+
+    # ---- settings: fresh, or from the run being resumed ----------------------------------------
+    if args.resume:
+        if not args.out:
+            raise UserError("--resume needs --out DIR, the run directory to continue")
+        config = _read_config(out)
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise UserError(f"{out}: nothing to resume (no last.npz or checkpoint-*.npz)")
+        preset_name, preset, data_settings = config["preset"], config["preset_settings"], config["data"]
+        seed = config["seed"]
+        tcfg = TrainConfig(**{**config["train"], "betas": tuple(config["train"]["betas"])})
+        if args.steps is not None or args.minutes is not None:   # a new total budget
+            tcfg.steps, tcfg.minutes = args.steps or 0, args.minutes or 0.0
+        _say(f"resuming {out} from {ckpt.name} on {device}")
+        tokenizer = _read_tokenizer(out)
+        splits = _splits(data_settings, progress=progress)
+        ids = {name: _encode(tokenizer, pairs, data_settings.get("max_len", MAX_LEN)) for name, pairs in splits.items()}
+        model_config = read_checkpoint(ckpt)[1]["config"]
+        if model_config["vocab_size"] != tokenizer.vocab_size:
+            raise UserError(f"{ckpt} has a vocabulary of {model_config['vocab_size']} but "
+                            f"{out / 'tokenizer.model'} has {tokenizer.vocab_size}")
+        backend.manual_seed(seed)
+        model = Transformer.from_config(model_config)
+    else:
+        if out.exists() and any(out.glob("*.npz")):
+            raise UserError(f"{out} already holds checkpoints: continue it with --resume --out {out}, "
+                            f"or choose another --out")
+        preset_name = AUTO_PRESET[device] if args.preset == "auto" else args.preset
+        preset = dict(PRESETS[preset_name])
+        for key in ("vocab_size", "max_tokens", "warmup_steps", "dropout"):
+            if getattr(args, key) is not None:
+                preset[key] = getattr(args, key)
+        seed = args.seed
+        data_path = _data_path(args.data, progress)
+        data_settings = dict(path=str(Path(data_path).resolve()), reverse=args.reverse, split_seed=args.split_seed,
+                             vocab_size=preset["vocab_size"], limit=args.limit, max_len=MAX_LEN, **SPLIT)
+        _say(f"preparing {data_path} ({'target→source' if args.reverse else 'source→target'}, "
+             f"vocabulary {preset['vocab_size']}) …")
+        corpus = prepare_corpus(data_path, reverse=args.reverse, vocab_size=preset["vocab_size"], max_len=MAX_LEN,
+                                seed=args.split_seed, limit=args.limit, progress=progress, **SPLIT)
+        tokenizer, splits, ids = corpus.tokenizer, corpus.splits, corpus.ids
+        data_settings["vocab_size_actual"] = tokenizer.vocab_size
+        backend.manual_seed(seed)
+        model = Transformer(tokenizer.vocab_size, d_model=preset["d_model"], num_heads=preset["num_heads"],
+                            num_layers=preset["num_layers"], d_ff=preset["d_ff"], dropout=preset["dropout"])
+        tcfg = TrainConfig(warmup_steps=preset["warmup_steps"], steps=args.steps or 0, minutes=args.minutes or 0.0)
+    model.to(device)
+
+    for key in ("eval_every", "checkpoint_every"):
+        if getattr(args, key) is not None:
+            setattr(tcfg, key, getattr(args, key))
+    auto_budget = not (tcfg.steps or tcfg.minutes)
+    if auto_budget:   # fit the whole command into DEFAULT_TOTAL_MINUTES
+        left = DEFAULT_TOTAL_MINUTES[device] * 60 - (time.perf_counter() - started)
+        tcfg.minutes = round(max(left / 60 - EVAL_RESERVE_MINUTES[device], 0.5), 2)
+    if not args.resume:
+        if args.eval_every is None:
+            tcfg.eval_every = max(tcfg.steps // 5, 1) if tcfg.steps else 250
+        if args.checkpoint_every is None:
+            tcfg.checkpoint_every = max(tcfg.steps // 5, 1) if tcfg.steps else 1000
+
+    n_train = len(ids["train"][0])
+    if n_train == 0:
+        raise UserError("no training pairs left after splitting and length filtering: use more data")
+    train_batches = TokenBatcher(*ids["train"], max_tokens=preset["max_tokens"], seed=seed)
+    valid_batches = list(TokenBatcher(*ids["valid"], max_tokens=preset["max_tokens"], shuffle=False).epoch(0)) \
+        if ids["valid"][0] else None
+    shown_from = splits["valid"] or splits["train"]     # three sentences of varied length (the file is sorted)
+    show = [shown_from[int(q * (len(shown_from) - 1))] for q in (0.3, 0.6, 0.9)]
+
+    def on_eval(trainer):
+        hyps = translate(model, tokenizer, [s for s, _ in show], beam_size=1)
+        return {"samples": [f"{s}  →  {h}   (reference: {r})" for (s, r), h in zip(show, hyps)]}
+
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.resume:
+        tokenizer.save(out / "tokenizer.model")
+        config = {"preset": preset_name, "preset_settings": preset, "model": asdict(model.config),
+                  "data": data_settings, "train": asdict(tcfg), "seed": seed, "device": device,
+                  "command": " ".join([_PROG, *sys.argv[1:]]), "created": datetime.now().isoformat(timespec="seconds")}
+        write_json(out / "config.json", config)
+
+    trainer = Trainer(model, lambda e: list(train_batches.epoch(e)), tcfg, out_dir=out, valid_batches=valid_batches,
+                      on_eval=on_eval, progress=progress)
+    if args.resume:
+        trainer.resume(ckpt)
+    budget = " and ".join(([f"{tcfg.steps} steps"] if tcfg.steps else []) +
+                          ([f"{tcfg.minutes:g} min"] if tcfg.minutes else []))
+    _say(f"run directory {out}\n"
+         f"model: preset {preset_name} (d_model {model.config.d_model}, {model.config.num_heads} heads, "
+         f"{model.config.num_layers}+{model.config.num_layers} layers, d_ff {model.config.d_ff}), "
+         f"{model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}, on {device}\n"
+         f"data: {n_train:,} training pairs in {len(train_batches)} batches of ≤{preset['max_tokens']} tokens, "
+         f"{len(ids['valid'][0]):,} valid, {len(splits['test']):,} test\n"
+         f"training for {budget}" + (f" (so that the whole command ends within {DEFAULT_TOTAL_MINUTES[device]:g} min; "
+                                     f"--steps or --minutes choose another budget)" if auto_budget else ""))
+    try:
+        trainer.run()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {trainer.step}; saved {out / 'last.npz'}\n"
+              f"continue with:  {_PROG} train --resume --out {out}", file=sys.stderr, flush=True)
+        return 130
+    _say(f"trained {trainer.step} steps in {_fmt_minutes(trainer.elapsed)} "
+         f"({60 * trainer.step / max(trainer.elapsed, 1e-9):.0f} steps/min overall)"
+         + (f", final training loss {trainer.losses[-1][1]:.3f}" if trainer.losses else ""))
+
+    try:
+        return _final_evaluation(args, out, device, model, tokenizer, splits, valid_batches, show, trainer, started)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted during the final evaluation; the trained model is saved in {out / 'last.npz'}\n"
+              f"score it with:  {_PROG} evaluate --checkpoint {out}", file=sys.stderr, flush=True)
+        return 130
+
+
+def _final_evaluation(args, out, device, model, tokenizer, splits, valid_batches, show, trainer, started):
+    """Validation loss, test BLEU (bleu.json) and the attention maps of one test sentence (attention.png)."""
+    from .checkpoint import write_json
+    from .evaluate import attention_maps, bleu
+    from .train import evaluate_loss
+    from .viz import plot_all_attention
+
+    results = {}
+    if valid_batches:
+        results["valid_loss"] = evaluate_loss(model, valid_batches)
+        _say(f"validation loss {results['valid_loss']:.3f} (perplexity {np.exp(results['valid_loss']):.1f})")
+    test = splits["test"]
+    limit = DEFAULT_TEST_LIMIT[device] if args.test_limit is None else (args.test_limit or None)
+    scored = sample_pairs(test, limit)
+    if scored:
+        capped = len(scored) < len(test)
+        note = f"{len(scored)} of {len(test)} test sentences" if capped else f"all {len(test)} test sentences"
+        _say(f"translating {note} with beam {args.beam} …"
+             + (f" (a fixed random sample: beam search over the whole test split takes too long on {device}; "
+                f"`{_PROG} evaluate --checkpoint {out}` scores all of it)" if capped else ""))
+        t = time.perf_counter()
+        results.update(bleu(model, tokenizer, scored, beam_size=args.beam, progress=not args.no_progress))
+        results.update(split="test", limit=limit, total=len(test), checkpoint=str(out / "last.npz"),
+                       step=trainer.step, decode_seconds=round(time.perf_counter() - t, 1))
+        write_json(out / "bleu.json", results)
+        _say(f"test BLEU {results['bleu']:.2f}  chrF {results['chrf']:.2f}  on {note}\n"
+             f"  BLEU signature: {results['signature']}\n  chrF signature: {results['chrf_signature']}")
+        for s in results["samples"]:
+            _say(f"  {s['src']}  →  {s['hyp']}   (reference: {s['ref']})")
+        example = sorted((s for s, _ in scored), key=len)[len(scored) // 2]     # a sentence of median length
+    else:
+        _say("no test sentences: skipping BLEU")
+        example = show[0][0]
+    maps = attention_maps(model, tokenizer, example)
+    fig = plot_all_attention(maps["enc_self"], maps["dec_self"], maps["cross"], maps["src_tokens"],
+                             maps["tgt_tokens"], out / "attention.png",
+                             title=f"{example}  →  {maps['translation']}")
+    del fig
+    _say(f"checkpoint:     {out / 'last.npz'}\n"
+         + (f"bleu:           {out / 'bleu.json'}\n" if scored else "")
+         + f"attention maps: {out / 'attention.png'}\n"
+         f"total time:     {_fmt_minutes(time.perf_counter() - started)}\n"
+         f"try:  {_PROG} translate --checkpoint {out} \"{example}\"")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# translate, evaluate, attention, data fetch
+# ---------------------------------------------------------------------------------------------------
+
+def _device(name):
+    from .backend import check_device, cuda_is_available
+    if name == "auto":
+        return "cuda" if cuda_is_available() else "cpu"
+    return check_device(name)
+
+
+def cmd_translate(args):
+    from .evaluate import translate
+    model, tokenizer, _, _ = load_run(args.checkpoint, _device(args.device))
+    texts = args.text if args.text else [line.rstrip("\r\n") for line in sys.stdin]
+    for line in translate(model, tokenizer, [t.strip() for t in texts], beam_size=args.beam, alpha=args.alpha,
+                          batch_size=args.batch_size):
+        print(line, flush=False)
+    sys.stdout.flush()
+    return 0
+
+
+def cmd_evaluate(args):
+    from .evaluate import bleu
+    model, tokenizer, config, ckpt = load_run(args.checkpoint, _device(args.device))
+    if "data" not in config:
+        raise UserError(f"{args.checkpoint}: config.json has no data settings")
+    splits = _splits(config["data"], data=args.data, progress=not args.no_progress)
+    pairs = sample_pairs(splits[args.split], args.limit)
+    if not pairs:
+        raise UserError(f"the {args.split} split is empty")
+    what = f"{len(pairs)} of {len(splits[args.split])}" if len(pairs) < len(splits[args.split]) \
+        else f"all {len(pairs)}"
+    print(f"translating {what} {args.split} sentences with beam {args.beam} ({ckpt}) …", file=sys.stderr, flush=True)
+    r = bleu(model, tokenizer, pairs, beam_size=args.beam, batch_size=args.batch_size, progress=not args.no_progress)
+    print(f"BLEU = {r['bleu']:.2f}  ({r['signature']})\nchrF = {r['chrf']:.2f}  ({r['chrf_signature']})\n"
+          f"{args.split}: {what} sentences, beam {args.beam}, {ckpt}")
+    return 0
+
+
+def cmd_attention(args):
+    from .evaluate import attention_maps
+    from .viz import plot_all_attention
+    model, tokenizer, _, _ = load_run(args.checkpoint, _device(args.device))
+    text = " ".join(args.text).strip()
+    maps = attention_maps(model, tokenizer, text)
+    plot_all_attention(maps["enc_self"], maps["dec_self"], maps["cross"], maps["src_tokens"], maps["tgt_tokens"],
+                       args.out, title=f"{text}  →  {maps['translation']}")
+    print(f"{maps['translation']}\n{args.out}")
+    return 0
+
+
+def cmd_data_fetch(args):
+    from .data import CORPORA, fetch_corpus, read_pairs
+    path = fetch_corpus(args.corpus, progress=not args.no_progress)
+    n = len(read_pairs(path))
+    print(f"{path}\n{n} sentence pairs ({CORPORA[args.corpus].description}; {CORPORA[args.corpus].licence})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Argument parsing and the one place errors become one line
+# ---------------------------------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """A bad command line: one line (and exit 2) instead of the usage block."""
+        self.exit(2, f"{_PROG}: error: {message} (see: {self.prog} --help)\n")
+
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def _positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def build_parser():
+    p = _Parser(prog=_PROG, description='The Transformer of "Attention Is All You Need" on NumPy/CuPy: '
+                                          "train an English→Spanish translator and use it.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a translator (defaults: Tatoeba en→es, preset and time budget "
+                                     "chosen for this machine)",
+                       description="Train a model and write a run directory. With no options: the Tatoeba "
+                                   "English–Spanish corpus, the preset that suits the device, and a time budget "
+                                   f"so the whole command ends within {DEFAULT_TOTAL_MINUTES['cpu']:g} minutes on a "
+                                   "CPU (including the final test BLEU and the attention plot).")
+    t.add_argument("--data", help="source<TAB>target TSV file, or a corpus name (spa, ukr); default: spa, "
+                                  "downloaded and cached on first use")
+    t.add_argument("--reverse", action="store_true", help="swap the columns (e.g. Spanish→English)")
+    t.add_argument("--preset", default="auto", choices=[*PRESETS, "auto"],
+                   help=f"model size (default auto: {AUTO_PRESET['cpu']} on cpu, {AUTO_PRESET['cuda']} on cuda)")
+    t.add_argument("--steps", type=_positive_int, help="stop after N updates")
+    t.add_argument("--minutes", type=_positive_float, help="stop after M minutes of training")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    t.add_argument("--seed", type=int, default=0, help="parameter initialisation, dropout and batch order")
+    t.add_argument("--split-seed", type=int, default=0, help="which sentences go to valid/test (default 0)")
+    t.add_argument("--max-tokens", type=_positive_int, help="tokens per batch and side (default: the preset's)")
+    t.add_argument("--vocab-size", type=_positive_int, help="BPE vocabulary size (default: the preset's)")
+    t.add_argument("--warmup-steps", type=_positive_int, help="Noam warm-up steps (default: the preset's)")
+    t.add_argument("--dropout", type=float, help="P_drop (default: the preset's)")
+    t.add_argument("--limit", type=_positive_int, help="use only the first N pairs of the file (quick runs)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--eval-every", type=_positive_int, help="validation loss and sample translations every N steps")
+    t.add_argument("--checkpoint-every", type=_positive_int, help="write checkpoint-<step>.npz every N steps")
+    t.add_argument("--test-limit", type=_nonnegative_int,
+                   help=f"test sentences for the final BLEU (default {DEFAULT_TEST_LIMIT['cpu']} on cpu, all on "
+                        "cuda; 0: all)")
+    t.add_argument("--beam", type=_positive_int, default=4, help="beam size of the final BLEU (default 4, §6.1)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    def model_args(q):
+        q.add_argument("--checkpoint", required=True, metavar="DIR",
+                       help="run directory (or one .npz checkpoint inside it)")
+        q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+
+    tr = sub.add_parser("translate", help="translate sentences with a trained model",
+                        description="Translate each TEXT, or each line of standard input; one line out per input.")
+    model_args(tr)
+    tr.add_argument("text", nargs="*", metavar="TEXT")
+    tr.add_argument("--beam", type=_positive_int, default=4, help="beam size (1: greedy; default 4)")
+    tr.add_argument("--alpha", type=float, default=0.6, help="length penalty α (default 0.6, §6.1)")
+    tr.add_argument("--batch-size", type=_positive_int, default=64)
+    tr.set_defaults(func=cmd_translate)
+
+    ev = sub.add_parser("evaluate", help="sacreBLEU and chrF of a trained model on a split",
+                        description="Score a split of the run's data; the split is re-derived with the run's "
+                                    "seed, so 'test' is the test split of training time.")
+    model_args(ev)
+    ev.add_argument("--data", help="the TSV (default: the file recorded in the run's config.json)")
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("--beam", type=_positive_int, default=4)
+    ev.add_argument("--limit", type=_positive_int, help="score a fixed random sample of N sentences")
+    ev.add_argument("--batch-size", type=_positive_int, default=64)
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    at = sub.add_parser("attention", help="plot every attention map of one translation",
+                        description="Translate TEXT greedily, then plot encoder self-, decoder self- and "
+                                    "cross-attention of every layer and head into one PNG.")
+    model_args(at)
+    at.add_argument("text", nargs="+", metavar="TEXT")
+    at.add_argument("--out", required=True, metavar="PNG")
+    at.set_defaults(func=cmd_attention)
+
+    da = sub.add_parser("data", help="corpus utilities")
+    dsub = da.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
+    dsub.required = True
+    fe = dsub.add_parser("fetch", help="download and cache a Tatoeba corpus, print its path and size")
+    fe.add_argument("--corpus", default="spa", choices=["spa", "ukr"])
+    fe.add_argument("--no-progress", action="store_true")
+    fe.set_defaults(func=cmd_data_fetch)
+    return p
+
+
+def _one_line(e):
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    msg = " ".join(str(msg).split()) or type(e).__name__
+    return msg
+
+
+def _warning_line(message, category, filename, lineno, line=None):
+    return f"{_PROG}: warning: {message}\n"
+
+
+def main(argv=None):
+    """Entry point of ``minitransformer`` and ``python -m minitransformer``; returns the exit status."""
+    from .data import DataError
+    args = build_parser().parse_args(argv)
+    warnings.formatwarning = _warning_line
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"\n{_PROG}: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, DataError, FileNotFoundError, IsADirectoryError, PermissionError, ValueError, KeyError,
+            RuntimeError, FloatingPointError, OSError) as e:
+        if os.environ.get("MINITRANSFORMER_DEBUG"):
+            raise
+        hint = ("; lower the learning rate with a longer --warmup-steps, or try another --seed"
+                if isinstance(e, FloatingPointError) else "")
+        print(f"{_PROG}: error: {_one_line(e)}{hint}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Shared fixtures: the ``device`` every test runs on, a fresh seed per test, random tensors.
+
+The suite runs on the CPU (NumPy) everywhere and once more on the GPU (CuPy) where one is
+present (it is not collected otherwise, so a CPU-only run shows no skips). Seeds come from the test's id, so a
+failure reproduces; set ``MT_TEST_SEED`` to draw a different (still reproducible) set.
+"""
+import os
+import zlib
+
+import numpy as np
+import pytest
+
+import minitransformer as mt
+
+BASE_SEED = int(os.environ.get("MT_TEST_SEED", "0"))
+
+
+DEVICES = ["cpu"] + (["cuda"] if mt.cuda_is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """The device a test runs on: always ``"cpu"``; ``"cuda"`` when CuPy sees a GPU."""
+    if request.param == "cuda" and not mt.cuda_is_available():
+        pytest.skip("no GPU/CuPy")
+    return request.param
+
+
+def _test_seed(request):
+    return (zlib.crc32(request.node.nodeid.encode()) + BASE_SEED) % 2**32
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed_and_defaults(request):
+    """Reseed the package's generators per test and undo ``set_default_dtype`` afterwards."""
+    mt.manual_seed(_test_seed(request))
+    dtype = mt.get_default_dtype()
+    yield
+    mt.set_default_dtype(dtype)
+
+
+@pytest.fixture
+def rng(request):
+    """A NumPy generator for this test's random inputs (seeded from the test id)."""
+    return np.random.default_rng(_test_seed(request))
+
+
+@pytest.fixture
+def randn(rng, device):
+    """``randn(*shape, dtype="float64", requires_grad=True)``: a standard-normal leaf tensor on
+    the test's device. ``low``/``high`` draw uniformly instead; ``away_from_zero`` keeps
+    ``|x| >= away_from_zero`` (for div, log, sqrt, relu's kink)."""
+    def make(*shape, dtype="float64", requires_grad=True, low=None, high=None, away_from_zero=None):
+        if low is not None:
+            array = rng.uniform(low, high, size=shape)
+        else:
+            array = rng.standard_normal(shape)
+        if away_from_zero is not None:
+            array = np.where(array >= 0, 1.0, -1.0) * (np.abs(array) + away_from_zero)
+        return mt.tensor(array, dtype=dtype, device=device, requires_grad=requires_grad)
+    return make

@@ -1,0 +1,249 @@
+"""End-to-end tests of the command line (``python -m minitransformer …`` in a subprocess).
+
+One tiny run is trained on the 1,600-pair sample once per module; translate, evaluate, attention
+and resume then use it. User mistakes must end in one ``minitransformer: error: …`` line on
+stderr and a non-zero exit, never a traceback.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import minitransformer as mt
+from minitransformer.data import Tokenizer, read_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "tests" / "data" / "spa_sample.tsv"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+QUICK = ["--preset", "tiny", "--vocab-size", "300", "--max-tokens", "400", "--eval-every", "8",
+         "--checkpoint-every", "4", "--test-limit", "4", "--beam", "2", "--no-progress"]
+FAST = [*QUICK, "--steps", "8"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def cli(cache):
+    """``cli(*args, stdin=None)`` -> CompletedProcess of ``python -m minitransformer args``, in the repo root."""
+    env = {**os.environ, "MINITRANSFORMER_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    env.pop("MINITRANSFORMER_DEBUG", None)
+
+    def run(*args, stdin=None, timeout=120):
+        return subprocess.run([sys.executable, "-m", "minitransformer", *map(str, args)], cwd=ROOT, env=env,
+                              input=stdin, capture_output=True, text=True, timeout=timeout)
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained(cli, tmp_path_factory):
+    """The module's one training run: (run directory, its CompletedProcess)."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    done = cli("train", "--data", SAMPLE, *FAST, "--out", out)
+    assert done.returncode == 0, done.stderr
+    return out, done
+
+
+@pytest.fixture(scope="module")
+def run_dir(trained):
+    return trained[0]
+
+
+def assert_user_error(done, *fragments):
+    """Non-zero exit, no traceback, exactly one error line (the last line of stderr)."""
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("minitransformer: error: ")]
+    assert len(errors) == 1 and done.stderr.strip().splitlines()[-1] == errors[0], done.stderr
+    for fragment in fragments:
+        assert fragment in errors[0]
+
+
+# ------------------------------------------------------------------ train and what it leaves behind
+
+def test_train_writes_a_complete_run(run_dir):
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "tokenizer.model", "last.npz", "bleu.json", "attention.png"} <= names
+    assert {"checkpoint-00000004.npz", "checkpoint-00000008.npz"} <= names
+    assert (run_dir / "attention.png").read_bytes()[:8] == PNG_MAGIC
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["preset"] == "tiny" and config["model"]["d_model"] == 128 and config["model"]["num_layers"] == 2
+    assert config["data"]["path"] == str(SAMPLE) and config["data"]["reverse"] is False
+    assert config["data"]["split_seed"] == 0 and config["data"]["vocab_size"] == 300
+    assert config["train"]["steps"] == 8
+    assert config["model"]["vocab_size"] == Tokenizer.load(run_dir / "tokenizer.model").vocab_size
+    bleu = json.loads((run_dir / "bleu.json").read_text())
+    assert bleu["n"] == 4 and bleu["split"] == "test" and "nrefs:1" in bleu["signature"] and bleu["samples"]
+
+
+def test_train_prints_progress_and_results(trained):
+    run_dir, out = trained[0], trained[1].stdout
+    assert "valid_loss" in out                       # the on_eval hook ran at step 8 …
+    assert "→" in out                                # … with sample translations
+    assert "test BLEU" in out and "nrefs:1|case:mixed" in out and "chrF" in out
+    assert "4 of" in out and "evaluate --checkpoint" in out   # the capped test set says so
+    for name in ("last.npz", "bleu.json", "attention.png"):
+        assert str(run_dir / name) in out
+
+
+def test_translate_arguments(cli, run_dir):
+    done = cli("translate", "--checkpoint", run_dir, "--beam", "1", "I like cats.", "Where is the station?")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 2
+
+
+def test_translate_stdin(cli, run_dir):
+    done = cli("translate", "--checkpoint", run_dir, "--beam", "2", stdin="Hello.\nI am hungry.\nGood night.\n")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 3
+
+
+def test_translate_a_checkpoint_file(cli, run_dir):
+    done = cli("translate", "--checkpoint", run_dir / "checkpoint-00000004.npz", "--beam", "1", "Hi.")
+    assert done.returncode == 0, done.stderr
+    assert len(done.stdout.splitlines()) == 1
+
+
+def test_evaluate(cli, run_dir):
+    done = cli("evaluate", "--checkpoint", run_dir, "--limit", "3", "--beam", "2", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "BLEU = " in done.stdout and "chrF = " in done.stdout and "nrefs:1" in done.stdout
+    assert "3 of" in done.stdout
+
+
+def test_evaluate_uses_the_training_time_test_split(cli, run_dir):
+    """The sentences scored at the end of training are the fixed sample of the re-derived test split
+    that ``evaluate --limit`` with the same N scores."""
+    bleu = json.loads((run_dir / "bleu.json").read_text())
+    pairs = read_pairs(SAMPLE)
+    from minitransformer.cli import sample_pairs
+    from minitransformer.data import split_pairs
+    test = sample_pairs(split_pairs(pairs, 0.02, 0.02, seed=0)["test"], 4)
+    assert bleu["samples"] and all((s["src"], s["ref"]) in test for s in bleu["samples"])
+
+
+def test_attention(cli, run_dir, tmp_path):
+    png = tmp_path / "maps" / "cats.png"
+    done = cli("attention", "--checkpoint", run_dir, "I like cats.", "--out", png)
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert str(png) in done.stdout
+
+
+def test_resume_continues_a_run(cli, run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "last.npz").unlink()                     # as after a crash: the newest interval checkpoint is used
+    done = cli("train", "--resume", "--out", copy, "--steps", "10", "--test-limit", "2", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stdout and "checkpoint-00000008.npz" in done.stdout
+    assert "trained 10 steps" in done.stdout
+    assert (copy / "checkpoint-00000010.npz").is_file() or (copy / "last.npz").is_file()
+
+
+def test_data_fetch_uses_the_cache(cli, cache):
+    shutil.copy(SAMPLE, cache / "spa.tsv")           # a cached corpus: no download
+    done = cli("data", "fetch", "--corpus", "spa", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert str(cache / "spa.tsv") in done.stdout and "1600 sentence pairs" in done.stdout
+
+
+# ------------------------------------------------------------------ user mistakes: one line, no traceback
+
+def test_missing_data_file(cli, tmp_path):
+    assert_user_error(cli("train", "--data", tmp_path / "nope.tsv", *FAST, "--out", tmp_path / "r"), "no such file")
+
+
+def test_empty_tsv(cli, tmp_path):
+    (tmp_path / "empty.tsv").write_text("")
+    assert_user_error(cli("train", "--data", tmp_path / "empty.tsv", *FAST, "--out", tmp_path / "r"), "no usable")
+
+
+def test_malformed_tsv(cli, tmp_path):
+    (tmp_path / "bad.tsv").write_text("just one column\nanother one\n")
+    done = cli("train", "--data", tmp_path / "bad.tsv", *FAST, "--out", tmp_path / "r")
+    assert_user_error(done, "no usable")
+    assert "minitransformer: warning: " in done.stderr   # which lines were skipped, and why
+
+
+def test_binary_file(cli, tmp_path):
+    (tmp_path / "model.bin").write_bytes(bytes(range(256)) * 8)
+    assert_user_error(cli("train", "--data", tmp_path / "model.bin", *FAST, "--out", tmp_path / "r"), "binary")
+
+
+def test_unknown_preset(cli, tmp_path):
+    assert_user_error(cli("train", "--data", SAMPLE, "--preset", "huge", "--out", tmp_path / "r"), "huge")
+
+
+def test_no_command(cli):
+    assert_user_error(cli())
+
+
+@pytest.mark.skipif(mt.cuda_is_available(), reason="a GPU is present")
+def test_cuda_without_gpu(cli, tmp_path):
+    assert_user_error(cli("train", "--data", SAMPLE, *FAST, "--device", "cuda", "--out", tmp_path / "r"), "cuda")
+
+
+def test_missing_checkpoint_dir(cli, tmp_path):
+    for command in (["translate", "Hi."], ["evaluate"], ["attention", "Hi.", "--out", tmp_path / "a.png"]):
+        assert_user_error(cli(command[0], "--checkpoint", tmp_path / "nowhere", *command[1:]), "no such run directory")
+
+
+def test_checkpoint_dir_without_files(cli, tmp_path, run_dir):
+    assert_user_error(cli("translate", "--checkpoint", tmp_path, "Hi."), "no checkpoint")
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "config.json").unlink()
+    assert_user_error(cli("translate", "--checkpoint", copy, "Hi."), "config.json")
+
+
+def test_swapped_tokenizer(cli, run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    pairs = read_pairs(SAMPLE)
+    other = Tokenizer.train([s for s, _ in pairs] + [t for _, t in pairs], vocab_size=200, cache=tmp_path / "tok")
+    other.save(copy / "tokenizer.model")
+    for command in (["translate", "Hi."], ["evaluate"]):
+        assert_user_error(cli(command[0], "--checkpoint", copy, *command[1:]), "vocabulary")
+
+
+def test_out_dir_of_another_run(cli, run_dir):
+    assert_user_error(cli("train", "--data", SAMPLE, *FAST, "--out", run_dir), "--resume")
+
+
+def test_resume_needs_a_run(cli, tmp_path):
+    assert_user_error(cli("train", "--resume", "--out", tmp_path / "nothing"), "config.json")
+    assert_user_error(cli("train", "--resume", "--preset", "tiny"), "--out")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT")
+def test_ctrl_c_saves_and_explains_how_to_resume(cli, cache, tmp_path):
+    """Ctrl-C while training: last.npz is written, the resume command is printed, exit 130, no traceback."""
+    import signal
+    import time
+    out = tmp_path / "run"
+    env = {**os.environ, "MINITRANSFORMER_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "minitransformer", "train", "--data", str(SAMPLE), *QUICK,
+                             "--steps", "100000", "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:                     # wait until the training loop has started
+            if line.startswith("training for"):
+                break
+        deadline = time.time() + 60
+        while not any(out.glob("checkpoint-*.npz")) and time.time() < deadline:
+            time.sleep(0.1)                          # a few steps done (checkpoint every 4)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert f"train --resume --out {out}" in stderr
+    assert (out / "last.npz").is_file()

@@ -1,0 +1,328 @@
+"""decode (§6.1): greedy decoding and beam search with length penalty, with and without the
+key/value cache.
+
+Two kinds of model: a real ``Transformer`` (random-init, and briefly trained on the copy task so
+its outputs vary in length and content instead of repeating one token), and a bigram "language
+model" with a fixed table of logits, small enough that every hypothesis up to the length limit
+can be enumerated, so beam search's bookkeeping (length penalty, finished vs. live hypotheses,
+best chosen) is checked against the exact answer.
+"""
+import itertools
+
+import numpy as np
+import pytest
+
+import minitransformer as mt
+from minitransformer import backend
+from minitransformer.data import BOS_ID, EOS_ID, PAD_ID, collate
+from minitransformer.decode import beam_search, greedy_decode, length_penalty
+from minitransformer.nn import Transformer
+from minitransformer.optim import Adam, NoamSchedule
+from minitransformer.tensor import no_grad
+from minitransformer.train import train_step
+
+VOCAB = 20
+CONFIG = dict(vocab_size=VOCAB, d_model=32, num_heads=2, num_layers=2, d_ff=64, dropout=0.0, max_len=64)
+
+
+def random_sequences(rng, n, low=4, high=VOCAB, min_len=3, max_len=8):
+    return [rng.integers(low, high, size=rng.integers(min_len, max_len + 1)).tolist() for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def copy_state():
+    """A small model trained for a few seconds on copying: right on some inputs, wrong on others."""
+    mt.manual_seed(0)
+    model = Transformer(**CONFIG)
+    optimizer = Adam(model.parameters(), lr=0.0)
+    schedule = NoamSchedule(optimizer, model.d_model, warmup_steps=50)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        seqs = random_sequences(rng, 32)
+        train_step(model, optimizer, schedule, collate(seqs, seqs), label_smoothing=0.0)
+    return model.state_dict()
+
+
+@pytest.fixture(params=["random", "trained"])
+def model(request, device, copy_state):
+    m = Transformer(**CONFIG)
+    if request.param == "trained":
+        m.load_state_dict(copy_state)
+    return m.to(device)
+
+
+@pytest.fixture
+def src(rng):
+    """A padded batch of 12 sources of lengths 3..8 (so length limits differ per sentence)."""
+    seqs = random_sequences(rng, 12)
+    return collate(seqs, seqs).src
+
+
+def source_lengths(src):
+    return (np.asarray(src) != PAD_ID).sum(axis=1)
+
+
+def teacher_forced_logprobs(model, src_row, hyp):
+    """``log p(· | src, bos + hyp[:i])`` for i = 0..len(hyp), as a host float64 array (len+1, V),
+    with the pad column at -inf as in decoding."""
+    model.eval()
+    with no_grad():
+        logits = model(np.asarray(src_row)[None], np.array([[BOS_ID, *hyp]]))
+    logits = backend.to_numpy(logits.data[0]).astype(np.float64)
+    logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    logp[:, PAD_ID] = -np.inf   # decoding never predicts padding
+    return logp
+
+
+# ---- the length penalty -------------------------------------------------------------------
+
+def test_length_penalty_formula():
+    lengths = np.arange(0, 60)
+    for alpha in (0.0, 0.6, 1.0, 2.0):
+        np.testing.assert_allclose(length_penalty(lengths, alpha), ((5.0 + lengths) / 6.0) ** alpha, rtol=1e-15)
+        assert length_penalty(1, alpha) == pytest.approx(1.0)          # lp(1) = 1 for every α
+    np.testing.assert_array_equal(length_penalty(lengths, 0.0), 1.0)   # α = 0: no normalisation
+    assert length_penalty(7, 0.6) == pytest.approx(2.0 ** 0.6)
+    assert np.all(np.diff(length_penalty(lengths, 0.6)) > 0)           # longer -> divided by more
+
+
+# ---- greedy ---------------------------------------------------------------------------------
+
+def test_trained_copy_model_is_not_degenerate(copy_state, rng):
+    """Guards the tests below: the trained model's outputs differ per input, often end with eos,
+    and copy some inputs right and others wrong."""
+    model = Transformer(**CONFIG)
+    model.load_state_dict(copy_state)
+    seqs = random_sequences(rng, 40)
+    out = greedy_decode(model, collate(seqs, seqs).src, BOS_ID, EOS_ID, max_len_b=10)
+    assert len({tuple(o) for o in out}) >= 30
+    assert sum(len(o) < len(s) + 10 for o, s in zip(out, seqs)) >= 8   # stopped at eos
+    assert 1 <= sum(o == s for o, s in zip(out, seqs)) <= 39
+
+
+def test_greedy_picks_the_argmax_at_every_step(model, src):
+    """Teacher-forcing the greedy output gives back the same argmax at every position, and eos
+    right after it whenever the sentence stopped before its length limit."""
+    out = greedy_decode(model, src, BOS_ID, EOS_ID, max_len_a=1.0, max_len_b=3)
+    limits = source_lengths(src) + 3
+    for b, hyp in enumerate(out):
+        assert len(hyp) <= limits[b]
+        logp = teacher_forced_logprobs(model, src[b], hyp)
+        assert logp[:len(hyp)].argmax(axis=1).tolist() == hyp
+        if len(hyp) < limits[b]:
+            assert logp[len(hyp)].argmax() == EOS_ID
+        assert EOS_ID not in hyp
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_greedy_batch_equals_one_sentence_at_a_time(model, src, use_cache):
+    """Padding a sentence into a batch must not change its translation."""
+    batch = greedy_decode(model, src, BOS_ID, EOS_ID, max_len_b=4, use_cache=use_cache)
+    for b in range(len(src)):
+        alone = src[b:b + 1, :source_lengths(src)[b]]
+        assert greedy_decode(model, alone, BOS_ID, EOS_ID, max_len_b=4, use_cache=use_cache) == [batch[b]]
+
+
+def test_greedy_cached_equals_uncached(model, src):
+    cached = greedy_decode(model, src, BOS_ID, EOS_ID, max_len_b=6, use_cache=True)
+    uncached = greedy_decode(model, src, BOS_ID, EOS_ID, max_len_b=6, use_cache=False)
+    assert cached == uncached
+
+
+def test_decoding_restores_training_mode(model, src):
+    model.train()
+    greedy_decode(model, src, BOS_ID, EOS_ID, max_len_b=2)
+    assert model.training and all(m.training for m in model.modules())
+    beam_search(model, src, BOS_ID, EOS_ID, beam_size=2, max_len_b=2)
+    assert model.training
+    model.eval()
+    greedy_decode(model, src, BOS_ID, EOS_ID, max_len_b=2)
+    assert not model.training
+
+
+# ---- beam search on the real model --------------------------------------------------------------
+
+def test_beam_size_1_equals_greedy(model, src):
+    for max_len_a, max_len_b in [(1.0, 5), (0.5, 0), (0.0, 2)]:
+        greedy = greedy_decode(model, src, BOS_ID, EOS_ID, max_len_a=max_len_a, max_len_b=max_len_b)
+        beam = beam_search(model, src, BOS_ID, EOS_ID, beam_size=1, max_len_a=max_len_a, max_len_b=max_len_b)
+        assert beam == greedy, (max_len_a, max_len_b)
+
+
+@pytest.mark.parametrize("beam_size", [2, 4])
+def test_beam_cached_equals_uncached(model, src, beam_size):
+    hyps_c, scores_c = beam_search(model, src, BOS_ID, EOS_ID, beam_size=beam_size, max_len_b=6,
+                                   use_cache=True, return_scores=True)
+    hyps_u, scores_u = beam_search(model, src, BOS_ID, EOS_ID, beam_size=beam_size, max_len_b=6,
+                                   use_cache=False, return_scores=True)
+    assert hyps_c == hyps_u
+    np.testing.assert_allclose(scores_c, scores_u, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_beam_scores_are_the_normalised_log_probability_of_the_returned_hypothesis(model, src, alpha):
+    """score = log P(hyp [+ eos] | src) / lp(|hyp| + 1) when it ended with eos, log P(hyp) / lp(|hyp|)
+    when it ran into the length limit; recomputed here by teacher forcing."""
+    max_len_b = 4
+    hyps, scores = beam_search(model, src, BOS_ID, EOS_ID, beam_size=4, alpha=alpha, max_len_b=max_len_b,
+                               return_scores=True)
+    limits = source_lengths(src) + max_len_b
+    assert len(hyps) == len(scores) == len(src)
+    for b, (hyp, score) in enumerate(zip(hyps, scores)):
+        assert len(hyp) <= limits[b] and EOS_ID not in hyp
+        logp = teacher_forced_logprobs(model, src[b], hyp)
+        total = sum(logp[i, t] for i, t in enumerate(hyp))
+        if len(hyp) < limits[b]:             # ended with eos: its probability counts, and its length
+            expected = (total + logp[len(hyp), EOS_ID]) / length_penalty(len(hyp) + 1, alpha)
+        else:
+            expected = total / length_penalty(len(hyp), alpha)
+        assert score == pytest.approx(expected, rel=1e-4, abs=1e-4), b
+
+
+def test_beam_batch_equals_one_sentence_at_a_time(model, src):
+    hyps, scores = beam_search(model, src, BOS_ID, EOS_ID, beam_size=3, max_len_b=4, return_scores=True)
+    for b in range(0, len(src), 3):
+        alone = src[b:b + 1, :source_lengths(src)[b]]
+        h, s = beam_search(model, alone, BOS_ID, EOS_ID, beam_size=3, max_len_b=4, return_scores=True)
+        assert h == [hyps[b]]
+        assert s[0] == pytest.approx(scores[b], rel=1e-5, abs=1e-5)
+
+
+def test_max_length_is_source_length_plus_max_len_b(model, src):
+    for max_len_a, max_len_b in [(1.0, 0), (1.0, 2), (0.5, 1), (0.0, 3)]:
+        limits = (max_len_a * source_lengths(src) + max_len_b).astype(int)
+        for out in (greedy_decode(model, src, BOS_ID, EOS_ID, max_len_a=max_len_a, max_len_b=max_len_b),
+                    beam_search(model, src, BOS_ID, EOS_ID, beam_size=3, max_len_a=max_len_a, max_len_b=max_len_b)):
+            assert all(len(o) <= lim for o, lim in zip(out, limits)), (max_len_a, max_len_b)
+
+
+@pytest.mark.parametrize("beam_size", [0, -1, -4])
+def test_invalid_beam_size_raises(beam_size, src):
+    model = Transformer(**CONFIG)
+    with pytest.raises(ValueError, match="beam_size"):
+        beam_search(model, src, BOS_ID, EOS_ID, beam_size=beam_size)
+
+
+# ---- beam search against exhaustive search ------------------------------------------------------
+
+class BigramLM:
+    """A stand-in for the Transformer with the decoding interface (``encode``, ``decode``,
+    ``new_cache``): the next-token logits depend only on the previous token, ``table[prev]``."""
+
+    pad_id = PAD_ID
+
+    def __init__(self, table):
+        self.table = np.asarray(table, dtype=np.float64)   # (V, V)
+        self.training = True
+        self.calls = {"cached": 0, "full": 0}
+
+    def eval(self):
+        return self.train(False)
+
+    def train(self, mode=True):
+        self.training = mode
+        return self
+
+    def encode(self, src_ids):
+        return mt.tensor(np.zeros((len(src_ids), src_ids.shape[1], 1))), None
+
+    def new_cache(self):
+        return {"length": 0, "layers": []}
+
+    def decode(self, tgt_ids, memory, src_mask, cache=None):
+        assert tgt_ids.shape[0] == memory.shape[0]
+        if cache is not None:   # the cached path is handed the newest token only
+            assert tgt_ids.shape[1] == 1
+            cache["length"] += 1
+        self.calls["cached" if cache is not None else "full"] += 1
+        return mt.tensor(self.table[np.asarray(tgt_ids)], dtype="float64")   # (B, T, V)
+
+
+def log_softmax_rows(table):
+    return table - np.logaddexp.reduce(table, axis=1, keepdims=True)
+
+
+def exhaustive_best(table, limit, alpha):
+    """The best normalised hypothesis over *all* outputs up to ``limit`` tokens: ``y + eos`` scored
+    ``log P / lp(|y| + 1)`` for ``|y| < limit``; ``y`` of exactly ``limit`` tokens scored ``log P / lp(limit)``."""
+    logp = log_softmax_rows(table)
+    tokens = [t for t in range(len(table)) if t not in (EOS_ID, PAD_ID)]   # padding is never predicted
+    best = (-np.inf, None)
+    for n in range(limit + 1):
+        for y in itertools.product(tokens, repeat=n):
+            prev = (BOS_ID, *y)
+            total = sum(logp[prev[i], y[i]] for i in range(n))
+            score = ((total + logp[prev[-1], EOS_ID]) / length_penalty(n + 1, alpha) if n < limit
+                     else total / length_penalty(limit, alpha))
+            if score > best[0]:
+                best = (score, list(y))
+    return best
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6, 2.0])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_wide_beam_finds_the_exhaustive_best(rng, alpha, use_cache):
+    """With a beam wider than the number of hypotheses nothing is pruned, so beam search must
+    return exactly the best normalised hypothesis and its score."""
+    # 4 tokens besides eos and pad, 4 steps: at most 4^3 · 5 = 320 finite candidates at the last
+    # step, so with K = 512 every one of them ranks among the K best and nothing is pruned.
+    V, limit, K = 6, 4, 512
+    src = np.array([[3, 4, 4], [4, PAD_ID, PAD_ID]])
+    for _ in range(4):
+        table = rng.normal(0.0, 1.5, size=(V, V))
+        table[:, EOS_ID] += rng.uniform(-1.0, 1.5)   # sometimes stopping early wins, sometimes not
+        lm = BigramLM(table)
+        hyps, scores = beam_search(lm, src, BOS_ID, EOS_ID, beam_size=K, alpha=alpha, max_len_a=0.0,
+                                   max_len_b=limit, use_cache=use_cache, return_scores=True)
+        best_score, best_hyp = exhaustive_best(table, limit, alpha)
+        assert hyps == [best_hyp, best_hyp]               # the bigram LM ignores the source
+        np.testing.assert_allclose(scores, [best_score] * 2, rtol=1e-12)
+        assert lm.calls["cached" if use_cache else "full"] > 0 and lm.calls["full" if use_cache else "cached"] == 0
+
+
+def test_length_penalty_changes_which_hypothesis_wins():
+    """Stopping right away is a bit more likely than starting "5 6 5 6", which then goes on almost
+    surely: without normalisation the empty output wins, with a strong α the long one does."""
+    V = 7
+    table = np.full((V, V), -5.0)
+    table[:, EOS_ID] = -20.0
+    table[BOS_ID, EOS_ID] = 0.0       # p(eos | bos) ≈ 0.54
+    table[BOS_ID, 5] = -0.2           # p(5 | bos) ≈ 0.44
+    table[5, 6] = table[6, 5] = 5.0   # then 6, 5, 6, … almost surely
+    src = np.array([[4]])
+    short = beam_search(BigramLM(table), src, BOS_ID, EOS_ID, beam_size=4, alpha=0.0, max_len_a=0.0, max_len_b=4)
+    long = beam_search(BigramLM(table), src, BOS_ID, EOS_ID, beam_size=4, alpha=3.0, max_len_a=0.0, max_len_b=4)
+    assert short == [[]]
+    assert long == [[5, 6, 5, 6]]
+    for alpha in (0.0, 3.0):
+        assert beam_search(BigramLM(table), src, BOS_ID, EOS_ID, beam_size=16, alpha=alpha, max_len_a=0.0,
+                           max_len_b=4) == [exhaustive_best(table, 4, alpha)[1]]
+
+
+def test_padding_is_never_predicted():
+    """A model that prefers the pad id still decodes real tokens (a generated pad would be masked
+    out of the uncached decoder's keys, and would end the sentence for ``Batch`` and ``detokenize``)."""
+    table = np.random.default_rng(1).normal(size=(6, 6))
+    table[:, PAD_ID] = 10.0
+    table[:, EOS_ID] = -10.0
+    src = np.array([[4, 5, 4]])
+    for use_cache in (True, False):
+        for out in (greedy_decode(BigramLM(table), src, BOS_ID, EOS_ID, 0.0, 5, use_cache=use_cache),
+                    beam_search(BigramLM(table), src, BOS_ID, EOS_ID, beam_size=3, max_len_a=0.0, max_len_b=5,
+                                use_cache=use_cache)):
+            assert len(out[0]) == 5 and PAD_ID not in out[0]
+
+
+def test_length_limit_is_exact_when_eos_never_comes():
+    """Outputs stop at ``max_len_a · source length + max_len_b`` tokens, per sentence."""
+    table = np.random.default_rng(0).normal(size=(5, 5))
+    table[:, EOS_ID] = -1e9
+    src = np.array([[3, 4, 4, PAD_ID, PAD_ID], [3, PAD_ID, PAD_ID, PAD_ID, PAD_ID], [4, 4, 4, 4, 4]])
+    for max_len_a, max_len_b in [(1.0, 2), (1.0, 0), (0.5, 1), (2.0, 0)]:
+        expected = (max_len_a * np.array([3, 1, 5]) + max_len_b).astype(int).tolist()
+        for use_cache in (True, False):
+            greedy = greedy_decode(BigramLM(table), src, BOS_ID, EOS_ID, max_len_a, max_len_b, use_cache=use_cache)
+            beam = beam_search(BigramLM(table), src, BOS_ID, EOS_ID, beam_size=3, max_len_a=max_len_a,
+                               max_len_b=max_len_b, use_cache=use_cache)
+            assert [len(o) for o in greedy] == expected
+            assert [len(o) for o in beam] == expected

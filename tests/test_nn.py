@@ -1,0 +1,387 @@
+"""nn: the Module API (names, state, modes, devices), the layers of §3.3–3.5, multi-head attention
+(§3.2.2) and the properties the whole Transformer must have: padding is invisible, the decoder
+cannot look ahead (§3.2.3), and decoding with the key/value cache equals decoding without it."""
+import math
+
+import numpy as np
+import pytest
+
+import minitransformer as mt
+from minitransformer import nn
+
+SMALL = dict(vocab_size=40, d_model=16, num_heads=4, num_layers=2, d_ff=32, pad_id=0, max_len=32)
+
+
+def small_model(device, dropout=0.0, **overrides):
+    return nn.Transformer(**{**SMALL, "dropout": dropout, **overrides}).to(device)
+
+
+def ids(rng, B, L, low=4, high=SMALL["vocab_size"]):
+    return rng.integers(low, high, size=(B, L))
+
+
+def logits_of(model, src, tgt):
+    with mt.no_grad():
+        return model(src, tgt).numpy()
+
+
+class TwoLayers(nn.Module):
+    """``b.tied`` is ``a.weight`` under a second name."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+        self.b.tied = self.a.weight
+        self.blocks = nn.ModuleList([nn.LayerNorm(2), nn.LayerNorm(2)])
+
+    def forward(self, x):
+        return self.blocks[1](self.blocks[0](self.b(self.a(x))))
+
+
+# ---- Module: names, parameters, state --------------------------------------------------------
+
+def test_named_parameters_nested_names_and_tied_listed_once():
+    m = TwoLayers()
+    names = [name for name, _ in m.named_parameters()]
+    assert names == ["a.weight", "a.bias", "b.weight", "b.bias", "blocks.0.weight", "blocks.0.bias",
+                     "blocks.1.weight", "blocks.1.bias"]
+    params = m.parameters()
+    assert len(params) == len({id(p) for p in params}) == 8
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in params)
+    assert [id(p) for p in params] == [id(p) for _, p in m.named_parameters()]
+    assert m.num_parameters() == 4 * 3 + 4 + 2 * 4 + 2 + 4 * 2
+    assert list(m.state_dict()) == names
+
+
+def test_module_needs_super_init():
+    class Broken(nn.Module):
+        def __init__(self):
+            self.w = nn.Parameter(np.zeros(2))
+
+    with pytest.raises(RuntimeError, match=r"super\(\)\.__init__\(\)"):
+        Broken()
+
+
+def test_reassigning_an_attribute_unregisters_it():
+    m = TwoLayers()
+    m.b = None
+    assert not any(name.startswith("b.") for name, _ in m.named_parameters())
+
+
+@pytest.mark.parametrize("share_embeddings", [True, False])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_parameter_names_and_count(share_embeddings, norm_first):
+    V, d, d_ff, N = SMALL["vocab_size"], SMALL["d_model"], SMALL["d_ff"], SMALL["num_layers"]
+    model = nn.Transformer(**SMALL, norm_first=norm_first, share_embeddings=share_embeddings)
+    names = [name for name, _ in model.named_parameters()]
+    assert names[0] == "embedding.weight"
+    assert ("tgt_embedding.weight" in names) == ("generator.weight" in names) == (not share_embeddings)
+    assert ("encoder.norm.weight" in names) == ("decoder.norm.bias" in names) == norm_first
+    for part in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        assert f"encoder.layers.{N - 1}.self_attn.{part}.weight" in names
+        assert f"decoder.layers.0.cross_attn.{part}.bias" in names
+    assert "decoder.layers.1.feed_forward.linear2.weight" in names
+    assert not any("positional_encoding" in n for n in names)          # the sinusoid is a buffer
+    attention, ffn, norm = 4 * (d * d + d), d * d_ff + d_ff + d_ff * d + d, 2 * d
+    expected = (V * d * (1 if share_embeddings else 3) + N * (attention + ffn + 2 * norm)
+                + N * (2 * attention + ffn + 3 * norm) + (2 * norm if norm_first else 0))
+    assert model.num_parameters() == expected
+
+
+def test_shared_embedding_is_the_output_projection(rng):
+    """With tied weights the rows of tokens that occur nowhere in the batch still get a gradient:
+    it comes from the pre-softmax projection (§3.4)."""
+    model = small_model("cpu")
+    src, tgt = ids(rng, 2, 5, 4, 20), ids(rng, 2, 4, 4, 20)
+    model(src, tgt).sum().backward()
+    grad = model.embedding.weight.grad
+    assert (np.abs(grad[20:]).max(axis=1) > 0).all()
+
+
+def test_state_dict_round_trip_and_copies(device, rng):
+    mt.manual_seed(1)
+    a = small_model(device).eval()
+    mt.manual_seed(2)
+    b = small_model(device).eval()
+    src, tgt = ids(rng, 2, 6), ids(rng, 2, 5)
+    assert not np.allclose(logits_of(a, src, tgt), logits_of(b, src, tgt))
+    state = a.state_dict()
+    assert list(state) == [name for name, _ in a.named_parameters()]
+    assert all(type(v) is np.ndarray for v in state.values())             # host arrays on any device
+    original = state["embedding.weight"].copy()
+    state["embedding.weight"] += 1.0                                        # a copy, not a view
+    np.testing.assert_array_equal(a.embedding.weight.numpy(), original)
+    state["embedding.weight"] = original
+    assert b.load_state_dict(state) == ([], [])
+    np.testing.assert_array_equal(logits_of(a, src, tgt), logits_of(b, src, tgt))
+    assert all(p.device == device for p in b.parameters())
+
+
+def test_load_state_dict_strict_names_missing_and_unexpected_keys():
+    model = TwoLayers()
+    state = model.state_dict()
+    del state["b.bias"]
+    state["c.weight"] = np.zeros(3)
+    with pytest.raises(KeyError) as error:
+        model.load_state_dict(state)
+    assert "b.bias" in str(error.value) and "c.weight" in str(error.value)
+
+    state["a.weight"] = np.full((4, 3), 7.0)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert missing == ["b.bias"] and unexpected == ["c.weight"]
+    np.testing.assert_array_equal(model.a.weight.numpy(), np.full((4, 3), 7.0))
+    assert model.a.weight.dtype == np.float32                               # cast to the parameter's dtype
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_wrong_shape_names_key_and_both_shapes(strict):
+    model = TwoLayers()
+    state = model.state_dict()
+    state["b.weight"] = np.zeros((4, 2))
+    with pytest.raises(ValueError) as error:
+        model.load_state_dict(state, strict=strict)
+    message = str(error.value)
+    assert "b.weight" in message and "(4, 2)" in message and "(2, 4)" in message
+
+
+# ---- modes, gradients, devices ---------------------------------------------------------------
+
+def test_train_and_eval_toggle_dropout(device, rng):
+    model = small_model(device, dropout=0.5)
+    src, tgt = ids(rng, 2, 6), ids(rng, 2, 5)
+    assert model.training and all(m.training for m in model.modules())
+    assert model.eval() is model
+    assert not any(m.training for m in model.modules())
+    np.testing.assert_array_equal(logits_of(model, src, tgt), logits_of(model, src, tgt))
+    evaluated = logits_of(model, src, tgt)
+    assert model.train() is model and all(m.training for m in model.modules())
+    first, second = logits_of(model, src, tgt), logits_of(model, src, tgt)
+    assert not np.allclose(first, second) and not np.allclose(first, evaluated)
+    model.train(False)
+    np.testing.assert_array_equal(logits_of(model, src, tgt), evaluated)
+
+
+def test_dropout_module(device, rng):
+    layer = nn.Dropout(0.25)
+    x = mt.tensor(rng.uniform(1, 2, size=(200, 50)), device=device)
+    y = layer(x).numpy()
+    kept = y != 0
+    assert 0.7 < kept.mean() < 0.8
+    np.testing.assert_allclose(y[kept], x.numpy()[kept] / 0.75, rtol=1e-6)
+    np.testing.assert_array_equal(layer.eval()(x).numpy(), x.numpy())
+    with pytest.raises(ValueError, match="dropout"):
+        nn.Dropout(1.0)
+
+
+def test_zero_grad(device, rng):
+    model = small_model(device)
+    model(ids(rng, 2, 4), ids(rng, 2, 3)).sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters())
+    model.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_to_device_moves_parameters_and_buffers_and_keeps_ties(device, rng):
+    mt.set_default_dtype("float64")
+    model = nn.Transformer(**SMALL, dropout=0.0).eval()
+    src, tgt = ids(rng, 2, 5), ids(rng, 2, 4)
+    expected = logits_of(model, src, tgt)
+    assert model.to(device) is model and model.device == device
+    assert all(p.device == device for p in model.parameters())
+    assert mt.backend.device_of(model.positional_encoding.pe) == device
+    out = model(src, tgt)
+    assert out.device == device
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-12)
+    assert model.to("cpu").device == "cpu"
+    np.testing.assert_allclose(logits_of(model, src, tgt), expected, rtol=1e-10, atol=1e-12)
+
+    tied = TwoLayers().to(device)
+    assert tied.b.tied is tied.a.weight and tied.a.weight.device == device
+    with pytest.raises(ValueError, match="unknown device"):
+        tied.to("tpu")
+
+
+# ---- layers -----------------------------------------------------------------------------------
+
+def test_linear_shapes_xavier_init_and_forward(device, rng):
+    layer = nn.Linear(200, 300).to(device)
+    w = layer.weight.numpy()
+    assert w.shape == (300, 200) and layer.bias.shape == (300,)
+    bound = math.sqrt(6.0 / (200 + 300))
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.99 * bound
+    assert w.std() == pytest.approx(bound / math.sqrt(3), rel=0.02)
+    assert abs(w.mean()) < 0.01 * bound
+    np.testing.assert_array_equal(layer.bias.numpy(), 0)
+    x = rng.standard_normal((2, 3, 200))
+    y = layer(mt.tensor(x, device=device))
+    assert y.shape == (2, 3, 300)
+    np.testing.assert_allclose(y.numpy(), x @ w.T, rtol=1e-4, atol=1e-5)
+    assert nn.Linear(3, 2, bias=False).bias is None
+    assert [n for n, _ in nn.Linear(3, 2, bias=False).named_parameters()] == ["weight"]
+
+
+def test_embedding_and_layer_norm_init():
+    emb = nn.Embedding(1000, 64)
+    assert emb.weight.shape == (1000, 64)
+    assert emb.weight.numpy().std() == pytest.approx(64 ** -0.5, rel=0.02)
+    norm = nn.LayerNorm(8)
+    np.testing.assert_array_equal(norm.weight.numpy(), 1)
+    np.testing.assert_array_equal(norm.bias.numpy(), 0)
+    y = norm(mt.tensor(np.arange(16.0).reshape(2, 8) ** 2)).numpy()
+    np.testing.assert_allclose(y.mean(axis=-1), 0, atol=1e-6)
+    np.testing.assert_allclose(y.std(axis=-1), 1, rtol=1e-4)
+
+
+def test_feed_forward_is_relu_between_two_linears(rng):
+    ffn = nn.PositionwiseFeedForward(6, 10)
+    x = rng.standard_normal((2, 3, 6))
+    w1, b1 = ffn.linear1.weight.numpy(), ffn.linear1.bias.numpy()
+    w2, b2 = ffn.linear2.weight.numpy(), ffn.linear2.bias.numpy()
+    np.testing.assert_allclose(ffn(mt.tensor(x)).numpy(), np.maximum(x @ w1.T + b1, 0) @ w2.T + b2,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("d_model", [16, 7])
+def test_sinusoidal_positional_encoding_matches_the_formula(device, d_model):
+    pe = nn.PositionalEncoding(d_model, max_len=50, dropout=0.0).to(device)
+    pos = np.arange(50)[:, None]
+    i = np.arange(d_model)[None, :]
+    angle = pos / 10000.0 ** ((i - i % 2) / d_model)     # 2i and 2i+1 share the frequency of 2i
+    expected = np.where(i % 2 == 0, np.sin(angle), np.cos(angle))
+    np.testing.assert_allclose(mt.backend.to_numpy(pe.pe), expected, atol=1e-6)
+    assert pe.parameters() == []
+    x = mt.tensor(np.ones((2, 5, d_model)), device=device)
+    np.testing.assert_allclose(pe(x).numpy(), np.broadcast_to(1 + expected[:5], (2, 5, d_model)), atol=1e-6)
+    shifted = np.broadcast_to(1 + expected[10:15], (2, 5, d_model))
+    np.testing.assert_allclose(pe(x, offset=10).numpy(), shifted, atol=1e-6)
+    with pytest.raises(ValueError, match="max_len"):
+        pe(x, offset=46)
+
+
+def test_learned_positional_encoding_has_a_trained_table(device):
+    pe = nn.PositionalEncoding(8, max_len=20, dropout=0.0, learned=True).to(device)
+    assert [(n, p.shape) for n, p in pe.named_parameters()] == [("weight", (20, 8))]
+    x = mt.tensor(np.zeros((3, 4, 8)), device=device, requires_grad=True)
+    y = pe(x, offset=2)
+    np.testing.assert_allclose(y.numpy(), np.broadcast_to(pe.weight.numpy()[2:6], (3, 4, 8)), rtol=1e-6)
+    y.sum().backward()
+    grad = mt.backend.to_numpy(pe.weight.grad)
+    np.testing.assert_allclose(grad[2:6], 3.0)
+    assert not grad[:2].any() and not grad[6:].any()
+    model = nn.Transformer(**SMALL, learned_positions=True)
+    assert "positional_encoding.weight" in dict(model.named_parameters())
+
+
+# ---- multi-head attention -----------------------------------------------------------------------
+
+def test_multi_head_attention_weights(device, rng):
+    B, Lq, Lk, d, h = 2, 3, 5, 16, 4
+    mha = nn.MultiHeadAttention(d, h).to(device)
+    q = mt.tensor(rng.standard_normal((B, Lq, d)), device=device)
+    kv = mt.tensor(rng.standard_normal((B, Lk, d)), device=device)
+    out = mha(q, kv, kv)
+    assert out.shape == (B, Lq, d)
+    weights = mha.attention_weights.numpy()
+    assert weights.shape == (B, h, Lq, Lk)
+    np.testing.assert_allclose(weights.sum(axis=-1), 1, rtol=1e-5)
+    assert (weights > 0).all()
+
+    lengths = np.array([5, 2])
+    mask = (np.arange(Lk)[None, :] < lengths[:, None])[:, None, None, :]    # (B, 1, 1, Lk)
+    mha(q, kv, kv, mask=mt.tensor(mask, device=device))
+    weights = mha.attention_weights.numpy()
+    np.testing.assert_allclose(weights.sum(axis=-1), 1, rtol=1e-5)
+    assert (weights[1, :, :, 2:] == 0).all() and (weights[1, :, :, :2] > 0).all()
+
+
+def test_multi_head_attention_matches_per_head_formula(rng):
+    """§3.2.2 written out head by head: ``Concat(head_1..h) W^O`` with
+    ``head_i = softmax(Q W_i^Q (K W_i^K)ᵀ / √d_k) V W_i^V``."""
+    mt.set_default_dtype("float64")
+    d, h = 12, 3
+    d_k = d // h
+    mha = nn.MultiHeadAttention(d, h)
+    x, m = rng.standard_normal((2, 4, d)), rng.standard_normal((2, 6, d))
+    out = mha(mt.tensor(x), mt.tensor(m), mt.tensor(m)).numpy()
+
+    def proj(layer, a):
+        return a @ layer.weight.numpy().T + layer.bias.numpy()
+    Q, K, V = proj(mha.q_proj, x), proj(mha.k_proj, m), proj(mha.v_proj, m)
+    heads = []
+    for i in range(h):
+        cols = slice(i * d_k, (i + 1) * d_k)
+        s = Q[..., cols] @ K[..., cols].transpose(0, 2, 1) / math.sqrt(d_k)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        heads.append((p / p.sum(-1, keepdims=True)) @ V[..., cols])
+    np.testing.assert_allclose(out, proj(mha.out_proj, np.concatenate(heads, -1)), rtol=1e-10, atol=1e-12)
+
+
+def test_multi_head_attention_rejects_bad_sizes():
+    with pytest.raises(ValueError, match=r"d_model=10.*num_heads=4"):
+        nn.MultiHeadAttention(10, 4)
+    mha = nn.MultiHeadAttention(8, 2)
+    with pytest.raises(ValueError, match="d_model=8"):
+        mha(mt.tensor(np.zeros((1, 2, 6))), mt.tensor(np.zeros((1, 2, 8))), mt.tensor(np.zeros((1, 2, 8))))
+
+
+# ---- the Transformer as a whole -------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_output_shape(device, rng, norm_first):
+    model = small_model(device, norm_first=norm_first)
+    out = model(ids(rng, 3, 7), ids(rng, 3, 5))
+    assert out.shape == (3, 5, SMALL["vocab_size"]) and out.dtype == np.float32 and out.device == device
+    with pytest.raises(ValueError, match="src_ids"):
+        model(ids(rng, 1, 7)[0], ids(rng, 3, 5))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_appending_source_padding_changes_nothing(device, rng, norm_first):
+    mt.set_default_dtype("float64")
+    model = small_model(device, norm_first=norm_first).eval()
+    src, tgt = ids(rng, 3, 6), ids(rng, 3, 5)
+    src[1, 4:] = SMALL["pad_id"]
+    padded = np.concatenate([src, np.full((3, 4), SMALL["pad_id"])], axis=1)
+    expected = logits_of(model, src, tgt)
+    np.testing.assert_allclose(logits_of(model, padded, tgt), expected, rtol=1e-10, atol=1e-10)
+    # a real token in that place is seen: the test can tell
+    padded[0, 6] = 5
+    assert not np.allclose(logits_of(model, padded, tgt)[0], expected[0], atol=1e-6)
+    # target padding appended after the real tokens leaves their logits alone too
+    tgt_padded = np.concatenate([tgt, np.full((3, 2), SMALL["pad_id"])], axis=1)
+    np.testing.assert_allclose(logits_of(model, src, tgt_padded)[:, :5], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_decoder_cannot_look_ahead(device, rng, norm_first):
+    mt.set_default_dtype("float64")
+    model = small_model(device, norm_first=norm_first).eval()
+    src, tgt = ids(rng, 2, 6), ids(rng, 2, 6)
+    expected = logits_of(model, src, tgt)
+    for k in (1, 3, 5):
+        changed = tgt.copy()
+        changed[:, k] = (changed[:, k] - 4 + 7) % (SMALL["vocab_size"] - 4) + 4   # another real token
+        out = logits_of(model, src, changed)
+        np.testing.assert_allclose(out[:, :k], expected[:, :k], rtol=1e-10, atol=1e-10)
+        assert not np.allclose(out[:, k], expected[:, k], atol=1e-6)     # position k itself sees it
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_kv_cache_decoding_equals_full_decoding(device, rng, norm_first):
+    mt.set_default_dtype("float64")
+    model = small_model(device, norm_first=norm_first).eval()
+    src, tgt = ids(rng, 2, 7), ids(rng, 2, 6)
+    src[1, 5:] = SMALL["pad_id"]
+    expected = logits_of(model, src, tgt)
+    with mt.no_grad():
+        memory, src_mask = model.encode(src)
+        cache = model.new_cache()
+        steps = [model.decode(tgt[:, t:t + 1], memory, src_mask, cache).numpy() for t in range(6)]
+        assert cache["length"] == 6
+        np.testing.assert_allclose(np.concatenate(steps, axis=1), expected, rtol=1e-10, atol=1e-10)
+
+        cache = model.new_cache()             # a prefix of several tokens, then one at a time
+        chunks = [model.decode(tgt[:, :3], memory, src_mask, cache).numpy()]
+        chunks += [model.decode(tgt[:, t:t + 1], memory, src_mask, cache).numpy() for t in range(3, 6)]
+        np.testing.assert_allclose(np.concatenate(chunks, axis=1), expected, rtol=1e-10, atol=1e-10)

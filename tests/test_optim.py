@@ -1,0 +1,272 @@
+"""optim: Adam and SGD step for step against torch.optim, the Noam schedule against its formula
+(§5.3), gradient clipping against torch.nn.utils.clip_grad_norm_, and optimiser state that resumes
+exactly."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import minitransformer as mt
+from minitransformer.nn import Parameter
+from minitransformer.optim import SGD, Adam, NoamSchedule, clip_grad_norm
+
+SHAPES = [(4, 3), (5,), (2, 3, 2)]
+TOL = {"float64": dict(rtol=1e-12, atol=1e-14), "float32": dict(rtol=2e-6, atol=1e-7)}
+TORCH_DTYPE = {"float64": torch.float64, "float32": torch.float32}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors: torch's thread pool only costs time (seconds on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_params(rng, device, dtype, shapes=SHAPES):
+    """Our parameters on ``device`` and torch twins with the same values."""
+    ours = [Parameter(mt.tensor(rng.standard_normal(s), dtype=dtype, device=device).data) for s in shapes]
+    theirs = [torch.tensor(p.numpy(), requires_grad=True) for p in ours]
+    return ours, theirs
+
+
+def set_grads(rng, ours, theirs, scale=1.0):
+    for p, t in zip(ours, theirs):
+        g = rng.standard_normal(p.shape) * scale
+        p.grad = mt.tensor(g, dtype=p.dtype, device=p.device).data
+        t.grad = torch.tensor(g, dtype=t.dtype)
+
+
+def assert_same(ours, theirs, dtype, what=""):
+    for i, (p, t) in enumerate(zip(ours, theirs)):
+        assert mt.backend.device_of(p.data) == p.device and p.dtype == np.dtype(dtype)
+        np.testing.assert_allclose(p.numpy(), t.detach().numpy(), **TOL[dtype], err_msg=f"{what} param {i}")
+
+
+# ---- Adam ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_adam_matches_torch_over_20_steps_with_changing_lr(device, dtype, rng):
+    ours, theirs = make_params(rng, device, dtype)
+    opt = Adam(ours, lr=0.0, betas=(0.9, 0.98), eps=1e-9)
+    ref = torch.optim.Adam(theirs, lr=0.0, betas=(0.9, 0.98), eps=1e-9)
+    start = [p.numpy().copy() for p in ours]
+    for step in range(1, 21):
+        lr = 1e-2 * rng.uniform(0.1, 1.0)          # a new rate every step, as the schedule does
+        opt.lr = lr
+        for group in ref.param_groups:
+            group["lr"] = lr
+        set_grads(rng, ours, theirs, scale=10.0 ** rng.uniform(-3, 1))
+        opt.step()
+        ref.step()
+        assert opt.step_count == step
+        assert_same(ours, theirs, dtype, f"step {step}")
+    assert all(np.abs(p.numpy() - s).max() > 1e-2 for p, s in zip(ours, start)), "Adam did not move"
+
+
+def test_adam_first_step_is_lr_times_sign(device, rng):
+    """With bias correction, step 1 is ``p -= lr · g / (|g| + ε')``, i.e. ≈ lr · sign(g)."""
+    ours, _ = make_params(rng, device, "float64", [(50,)])
+    p = ours[0]
+    before = p.numpy().copy()
+    g = rng.standard_normal(50)
+    g += np.sign(g) * 0.1                    # away from 0, where ε would matter
+    p.grad = mt.tensor(g, dtype="float64", device=device).data
+    Adam([p], lr=0.01).step()
+    np.testing.assert_allclose(before - p.numpy(), 0.01 * np.sign(g), rtol=1e-6)
+
+
+def test_adam_skips_parameters_without_gradient(device, rng):
+    ours, _ = make_params(rng, device, "float64")
+    before = [p.numpy().copy() for p in ours]
+    opt = Adam(ours, lr=0.1)
+    ours[0].grad = ours[0].xp.ones_like(ours[0].data)
+    opt.step()
+    assert not np.array_equal(ours[0].numpy(), before[0])
+    for p, b in zip(ours[1:], before[1:]):
+        np.testing.assert_array_equal(p.numpy(), b)
+
+
+# ---- SGD ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_sgd_matches_torch(device, dtype, momentum, rng):
+    ours, theirs = make_params(rng, device, dtype)
+    opt = SGD(ours, lr=0.05, momentum=momentum)
+    ref = torch.optim.SGD(theirs, lr=0.05, momentum=momentum)
+    for step in range(10):
+        if step == 5:                               # a changed lr takes effect at the next step
+            opt.lr = 0.02
+            ref.param_groups[0]["lr"] = 0.02
+        set_grads(rng, ours, theirs)
+        opt.step()
+        ref.step()
+        assert_same(ours, theirs, dtype, f"step {step}")
+
+
+def test_plain_sgd_is_p_minus_lr_g(device, rng):
+    ours, _ = make_params(rng, device, "float64", [(3, 4)])
+    p = ours[0]
+    before = p.numpy().copy()
+    g = rng.standard_normal((3, 4))
+    p.grad = mt.tensor(g, dtype="float64", device=device).data
+    SGD([p], lr=0.5).step()
+    np.testing.assert_allclose(p.numpy(), before - 0.5 * g, rtol=1e-15)
+
+
+# ---- errors -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [Adam, SGD])
+def test_empty_parameter_list_raises(cls):
+    with pytest.raises(ValueError, match=f"{cls.__name__}.*empty"):
+        cls([], lr=0.1)
+    with pytest.raises(ValueError, match=f"{cls.__name__}.*empty"):
+        cls(iter([]), lr=0.1)
+
+
+@pytest.mark.parametrize("cls", [Adam, SGD])
+def test_negative_lr_raises(cls, rng):
+    ours, _ = make_params(rng, "cpu", "float64")
+    with pytest.raises(ValueError, match="lr"):
+        cls(ours, lr=-1.0)
+
+
+def test_zero_grad_clears_gradients(device, rng):
+    ours, theirs = make_params(rng, device, "float64")
+    set_grads(rng, ours, theirs)
+    opt = Adam(ours)
+    opt.zero_grad()
+    assert all(p.grad is None for p in ours)
+
+
+# ---- the schedule of §5.3 -------------------------------------------------------------------
+
+@pytest.mark.parametrize("d_model, warmup_steps, factor", [(512, 4000, 1.0), (32, 10, 2.0), (256, 1, 0.5)])
+def test_noam_schedule_matches_formula(d_model, warmup_steps, factor, rng):
+    opt = SGD(make_params(rng, "cpu", "float64")[0], lr=123.0)
+    schedule = NoamSchedule(opt, d_model, warmup_steps, factor)
+    steps = 3 * warmup_steps + 20
+    rates = []
+    for step in range(1, steps + 1):
+        lr = schedule.step()
+        expected = factor * d_model ** -0.5 * min(step ** -0.5, step * warmup_steps ** -1.5)
+        assert lr == pytest.approx(expected, rel=1e-12)
+        assert opt.lr == lr and schedule.step_count == step
+        assert schedule.rate(step) == lr
+        rates.append(lr)
+    rates = np.array(rates)
+    assert int(np.argmax(rates)) + 1 == warmup_steps                       # peak at warmup_steps
+    peak = factor * (d_model * warmup_steps) ** -0.5
+    assert rates.max() == pytest.approx(peak, rel=1e-12)
+    s = np.arange(1, steps + 1)
+    warm = s <= warmup_steps
+    np.testing.assert_allclose(rates[warm], rates[0] * s[warm], rtol=1e-12)                 # linear
+    np.testing.assert_allclose(rates[~warm], peak * np.sqrt(warmup_steps / s[~warm]), rtol=1e-12)  # 1/√step
+    assert schedule.rate(0) == rates[0]                                     # step 0 reads as step 1
+
+
+def test_noam_schedule_rejects_bad_warmup(rng):
+    opt = SGD(make_params(rng, "cpu", "float64")[0], lr=0.1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        NoamSchedule(opt, 512, warmup_steps=0)
+
+
+def test_noam_schedule_state_round_trip(rng):
+    opt = Adam(make_params(rng, "cpu", "float64")[0])
+    schedule = NoamSchedule(opt, 64, warmup_steps=5)
+    for _ in range(7):
+        schedule.step()
+    opt2 = Adam(make_params(rng, "cpu", "float64")[0])
+    schedule2 = NoamSchedule(opt2, 64, warmup_steps=5)
+    schedule2.load_state_dict(schedule.state_dict())
+    assert schedule2.step_count == 7 and opt2.lr == opt.lr
+    assert schedule2.step() == schedule.step()
+
+
+# ---- gradient clipping ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_clip_grad_norm_matches_torch(device, dtype, max_norm, rng):
+    ours, theirs = make_params(rng, device, dtype)
+    set_grads(rng, ours, theirs)
+    original = [p.grad for p in ours]
+    copies = [mt.backend.to_numpy(g).copy() for g in original]
+    total = clip_grad_norm(ours, max_norm)
+    ref_total = torch.nn.utils.clip_grad_norm_(theirs, max_norm)
+    assert mt.backend.device_of(total) == device
+    assert float(total) == pytest.approx(float(ref_total), rel=1e-6 if dtype == "float32" else 1e-12)
+    expected_norm = math.sqrt(sum(float(np.sum(c.astype(np.float64) ** 2)) for c in copies))
+    assert float(total) == pytest.approx(expected_norm, rel=1e-6)           # the norm before clipping
+    for p, t in zip(ours, theirs):
+        assert p.grad.dtype == p.dtype and mt.backend.device_of(p.grad) == device
+        np.testing.assert_allclose(mt.backend.to_numpy(p.grad), t.grad.numpy(), **TOL[dtype])
+    clipped = math.sqrt(sum(float(np.sum(mt.backend.to_numpy(p.grad).astype(np.float64) ** 2)) for p in ours))
+    if max_norm < expected_norm:
+        assert clipped == pytest.approx(max_norm, rel=1e-5)
+    else:
+        assert clipped == pytest.approx(expected_norm, rel=1e-6)
+    for g, c in zip(original, copies):        # the old gradient arrays were not scaled in place
+        np.testing.assert_array_equal(mt.backend.to_numpy(g), c)
+
+
+def test_clip_grad_norm_ignores_missing_gradients(device, rng):
+    ours, theirs = make_params(rng, device, "float64")
+    set_grads(rng, ours, theirs)
+    ours[1].grad, theirs[1].grad = None, None
+    total = clip_grad_norm(ours, 0.1)
+    ref_total = torch.nn.utils.clip_grad_norm_(theirs, 0.1)
+    assert float(total) == pytest.approx(float(ref_total), rel=1e-12)
+    assert ours[1].grad is None
+    assert float(clip_grad_norm(ours[1:2], 1.0)) == 0.0        # nothing to clip
+
+
+# ---- optimiser state: an exact resume -------------------------------------------------------
+
+@pytest.mark.parametrize("make", [lambda ps: Adam(ps, lr=0.01), lambda ps: SGD(ps, lr=0.05, momentum=0.9),
+                                  lambda ps: SGD(ps, lr=0.05)], ids=["adam", "sgd_momentum", "sgd"])
+def test_state_dict_round_trip_continues_identically(device, make, rng):
+    """Take the state after 5 steps, keep training the original, then load that state into a
+    fresh optimiser over copies of the parameters taken at the same moment: the next 5 steps
+    must be identical (the state dict is a snapshot, not a view of live buffers)."""
+    ours, _ = make_params(rng, device, "float64")
+    opt = make(ours)
+    grads = [[rng.standard_normal(p.shape) for p in ours] for _ in range(10)]
+
+    def step(params, optimizer, gs):
+        for p, g in zip(params, gs):
+            p.grad = mt.tensor(g, dtype=p.dtype, device=p.device).data
+        optimizer.step()
+
+    for t in range(5):
+        step(ours, opt, grads[t])
+    state = opt.state_dict()
+    assert state["step_count"] == 5 and state["lr"] == opt.lr
+    assert all(isinstance(v, np.ndarray) for k, v in state.items() if k not in ("step_count", "lr"))
+    copies = [Parameter(mt.tensor(p.numpy(), device=device).data) for p in ours]
+
+    for t in range(5, 10):
+        step(ours, opt, grads[t])
+
+    resumed = make(copies)
+    resumed.load_state_dict(state)
+    assert resumed.step_count == 5
+    for t in range(5, 10):
+        step(copies, resumed, grads[t])
+    for p, q in zip(ours, copies):
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
+    assert resumed.step_count == opt.step_count == 10
+
+
+def test_load_state_dict_checks_keys_and_shapes(rng):
+    ours, _ = make_params(rng, "cpu", "float64")
+    state = Adam(ours).state_dict()
+    missing = {k: v for k, v in state.items() if k != "v.1"}
+    with pytest.raises(KeyError, match="v.1"):
+        Adam(ours).load_state_dict(missing)
+    wrong = dict(state, **{"m.0": np.zeros((7,))})
+    with pytest.raises(ValueError, match=r"m\.0.*\(7,\).*\(4, 3\)"):
+        Adam(ours).load_state_dict(wrong)
