@@ -33,7 +33,7 @@ def atomic_write(path, write):
 
 
 def write_json(path, obj):
-    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True).encode("utf-8")))
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False).encode("utf-8")))
 
 
 def save_checkpoint(path, model, optimizer=None, schedule=None, meta=None):

@@ -68,7 +68,7 @@ class TrainConfig:
     label_smoothing: float = 0.1    # eps_ls, §5.4
     clip_norm: float = 0.0          # 0: no clipping
     log_every: int = 10             # read the loss (a host sync on the GPU) every N steps
-    eval_every: int = 0             # validation every N steps (0: only at the end)
+    eval_every: int = 0             # validation every N steps (0: none during the run)
     checkpoint_every: int = 0       # interval checkpoints every N steps (0: only at the end)
     keep_checkpoints: int = 5       # interval checkpoints kept, for averaging (§6.1)
 
@@ -165,7 +165,7 @@ class Trainer:
                     tokens_since, t_since, pending = 0, now, []
                     if not math.isfinite(value):
                         raise FloatingPointError(f"training diverged: loss is {value} at step {self.step}")
-                bar.update(1) if c.steps else bar.update(1)
+                bar.update(1)
                 if c.eval_every and self.step % c.eval_every == 0:
                     self._evaluate(bar)
                 if self.out_dir is not None and c.checkpoint_every and self.step % c.checkpoint_every == 0:
