@@ -7,7 +7,6 @@ The mask is boolean, True where a query *may* attend to a key, and broadcasts to
 """
 import math
 
-from .. import backend
 from ..tensor import Tensor, as_tensor, check_same_device, make_op, unbroadcast
 from .dropout import check_p, dropout_mask
 

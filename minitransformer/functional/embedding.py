@@ -22,6 +22,16 @@ def check_ids(op, ids, num_classes, what="id"):
     return xp
 
 
+def id_array(op, ids, like, what="ids"):
+    """The array behind ``ids``: a Tensor must be on ``like``'s device; lists and host arrays are
+    accepted as they are (they are checked on the host and copied over by the caller)."""
+    if isinstance(ids, Tensor):
+        if ids.device != like.device:
+            raise ValueError(f"{op}: {what} are on {ids.device} but the {like.shape} input is on {like.device}")
+        return ids.data
+    return ids if backend.is_array(ids) else np.asarray(ids)
+
+
 def embedding(ids, weight):
     """``y[..., :] = W[ids[...], :]``; backward: ``dW[v] = Σ_{i: ids[i] = v} g[i]``.
 
@@ -29,12 +39,7 @@ def embedding(ids, weight):
     was made and copied over (ids carry no gradient).
     """
     weight = as_tensor(weight)
-    if isinstance(ids, Tensor):
-        if ids.device != weight.device:
-            raise ValueError(f"embedding: ids are on {ids.device} but the weight is on {weight.device}")
-        ids = ids.data
-    elif not backend.is_array(ids):
-        ids = np.asarray(ids)
+    ids = id_array("embedding", ids, weight)
     if weight.ndim != 2:
         raise ValueError(f"embedding: weight must be 2-D (num_embeddings, d), got {weight.shape}")
     check_ids("embedding", ids, weight.shape[0])

@@ -4,11 +4,10 @@ Same definition as ``torch.nn.functional.cross_entropy``: the target distributio
 ``q = (1 - eps_ls) * onehot(t) + eps_ls / C`` and the loss is ``-Σ_c q_c log p_c``, averaged over
 the targets that are not ``ignore_index``. docs/backward.md#cross-entropy.
 """
-import numpy as np
 
 from .. import backend
-from ..tensor import Tensor, as_tensor, make_op
-from .embedding import check_ids
+from ..tensor import as_tensor, make_op
+from .embedding import check_ids, id_array
 
 
 def cross_entropy(logits, target, ignore_index=None, label_smoothing=0.0):
@@ -22,12 +21,7 @@ def cross_entropy(logits, target, ignore_index=None, label_smoothing=0.0):
     if logits.ndim != 2:
         raise ValueError(f"cross_entropy: logits must be (N, C), got shape {logits.shape}")
     N, C = logits.shape
-    if isinstance(target, Tensor):
-        if target.device != logits.device:
-            raise ValueError(f"cross_entropy: target is on {target.device} but logits are on {logits.device}")
-        target = target.data
-    elif not backend.is_array(target):
-        target = np.asarray(target)
+    target = id_array("cross_entropy", target, logits, what="target")
     if target.shape != (N,):
         raise ValueError(f"cross_entropy: target must have shape ({N},) to match logits {logits.shape}, "
                          f"got {target.shape}")
