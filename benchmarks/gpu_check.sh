@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU must show, in one call on a machine with an NVIDIA GPU and CuPy:
-#   1. the step and decode benchmarks vs PyTorch, each alone on the GPU (benchmarks/*.py --json);
+#   1. the step and decode benchmarks vs PyTorch, each alone on the GPU (benchmarks/*.py --json), and
+#      where our step spends its time (benchmarks/profile_step.py);
 #   2. then, side by side: the whole test suite on CuPy, and a `minitransformer train` run on the GPU
 #      with its PyTorch twin (benchmarks/train_translator_torch.py) trained for the same steps, both
 #      scored by the same decoder (BLEU, chrF).
@@ -23,7 +24,8 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 cat "$OUT/env.txt"
 
 # 1. benchmarks, alone on the GPU
-for args in "--config small" "--config base" "--config small --tf32" "--config base --tf32" ${EXTRA_BENCH:-}; do
+for args in "--config small" "--config base" "--config small --tf32" "--config base --tf32" \
+            "--config small --unfused" "--config base --unfused"; do
   stamp "train_step $args"
   timeout 240 $PY benchmarks/train_step.py --device cuda $args --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
     || echo "FAILED: train_step $args" >> "$OUT/bench.err"
@@ -31,6 +33,9 @@ done
 stamp "decode"
 timeout 240 $PY benchmarks/decode.py --device cuda --config small --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
   || echo "FAILED: decode" >> "$OUT/bench.err"
+
+stamp "profile"
+for cfg in small base; do timeout 120 $PY benchmarks/profile_step.py --config $cfg >> "$OUT/profile.txt" 2>&1; done
 
 # 2. the test suite on CuPy next to a training run and its twin
 stamp "tests + training"

@@ -78,16 +78,36 @@ def bench_ours(c, device, args):
     opt = Adam(model.parameters(), lr=0.0)
     schedule = NoamSchedule(opt, c["d_model"], 4000)
     xp = mt.backend.xp_for(device)
-    pool = None
     if device == "cuda":
-        pool = xp.get_default_memory_pool()
         sync = xp.cuda.Device().synchronize
     else:
         def sync():
             pass
-    seconds = time_steps(lambda: train_step(model, opt, schedule, batch, 0.1), sync, args.warmup, args.steps)
-    peak = pool.total_bytes() / 2**20 if pool is not None else None
-    return seconds, peak
+
+    def step():
+        train_step(model, opt, schedule, batch, 0.1)
+    seconds = time_steps(step, sync, args.warmup, args.steps)
+    return seconds, peak_allocated(xp, step, sync) if device == "cuda" else None
+
+
+def peak_allocated(cp, step, sync):
+    """Peak bytes *in use* during one step (what torch.cuda.max_memory_allocated counts): CuPy's pool
+    reports only the current figure, so every allocation goes through a wrapper that records it.
+    Measured after the timing (the wrapper costs a little host time per allocation)."""
+    pool = cp.get_default_memory_pool()
+    peak = [pool.used_bytes()]
+
+    def malloc(size):
+        memory = pool.malloc(size)
+        peak[0] = max(peak[0], pool.used_bytes())
+        return memory
+    cp.cuda.set_allocator(malloc)
+    try:
+        step()
+        sync()
+    finally:
+        cp.cuda.set_allocator(pool.malloc)
+    return peak[0] / 2**20
 
 
 def bench_torch(c, device, args):
@@ -109,7 +129,7 @@ def bench_torch(c, device, args):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = time_steps(step, sync, args.warmup, args.steps)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None   # bytes in use, as ours
     return seconds, peak
 
 
@@ -119,6 +139,8 @@ def main():
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     parser.add_argument("--tf32", action="store_true", help="TF32 matmuls on both sides (GPU)")
     parser.add_argument("--cuda-graph", action="store_true", help="capture our step as a CUDA graph")
+    parser.add_argument("--unfused", action="store_true",
+                        help="our side without the fused GPU kernels (array formulas only), for comparison")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
@@ -127,6 +149,8 @@ def main():
     args = parser.parse_args()
     if args.tf32:
         os.environ["CUPY_TF32"] = "1"   # read by CuPy when it first runs a matmul
+    if args.unfused:
+        os.environ["MINITRANSFORMER_FUSED"] = "0"   # read when minitransformer is imported
     if args.cuda_graph:
         parser.error("--cuda-graph: capturing the step as a CUDA graph is not implemented yet")
     if args.threads:
@@ -135,22 +159,26 @@ def main():
     c = CONFIGS[args.config]
     tokens = c["batch"] * c["length"]
     flops = matmul_flops(c)
-    result = {"config": args.config, "device": args.device, "tf32": args.tf32, **c}
+    result = {"config": args.config, "device": args.device, "tf32": args.tf32, "fused": not args.unfused, **c}
     for name, bench in (("ours", bench_ours), ("torch", bench_torch)):
         seconds, peak = bench(c, args.device, args)
         result[name] = {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens / seconds,
                         "tflops": flops / seconds / 1e12, "peak_mib": peak}
     result["ratio_tokens_per_s"] = result["ours"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
+    if args.device == "cuda":
+        result["ratio_peak_memory"] = result["ours"]["peak_mib"] / result["torch"]["peak_mib"]
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{args.config} on {args.device}{' (TF32)' if args.tf32 else ''}: batch {c['batch']}×{c['length']}")
+    print(f"{args.config} on {args.device}{' (TF32)' if args.tf32 else ''}{' (ours unfused)' if args.unfused else ''}: "
+          f"batch {c['batch']}×{c['length']}")
     for name in ("ours", "torch"):
         r = result[name]
         peak = f"{r['peak_mib']:.0f} MiB" if r["peak_mib"] is not None else "n/a"
         print(f"  {name:6s} {r['ms_per_step']:9.2f} ms/step  {r['tokens_per_s']:10.0f} tok/s  "
               f"{r['tflops']:7.3f} TFLOP/s  peak {peak}")
-    print(f"  ratio ours/torch (tokens/s): {result['ratio_tokens_per_s']:.2f}")
+    print(f"  ratio ours/torch (tokens/s): {result['ratio_tokens_per_s']:.2f}"
+          + (f"   peak memory ours/torch: {result['ratio_peak_memory']:.2f}" if "ratio_peak_memory" in result else ""))
 
 
 if __name__ == "__main__":

@@ -100,11 +100,51 @@ _seed = 0
 _generators = {}
 
 
+_counter = 0   # how many numbers the GPU's counter-based dropout generator has handed out
+
+
 def manual_seed(seed):
     """Reseed every device's generator (dropout masks, parameter init, data shuffles)."""
-    global _seed
-    _seed = int(seed)
+    global _seed, _counter
+    _seed, _counter = int(seed), 0
     _generators.clear()
+
+
+def counter_stream(n):
+    """``(seed, offset)`` for ``n`` numbers of the GPU's counter-based generator, then advance it.
+
+    The fused dropout kernel draws number ``i`` of a call as ``hash(seed, offset + i)``: no
+    generator state lives on the GPU, the backward regenerates the mask instead of storing it,
+    and the whole state is two integers a checkpoint can hold (see ``random_state``).
+    """
+    global _counter
+    offset = _counter
+    _counter += int(n)
+    return _seed, offset
+
+
+def random_state():
+    """Everything the package's random numbers depend on, as JSON-able values (for checkpoints)."""
+    return {"seed": _seed, "counter": _counter,
+            "cpu": _jsonable(generator("cpu").bit_generator.state)}
+
+
+def set_random_state(state):
+    """Restore ``random_state()``: the same dropout masks and shuffles follow, on CPU and GPU."""
+    global _seed, _counter
+    if "cpu" not in state:            # checkpoints written before the GPU counter existed
+        state = {"seed": _seed, "counter": _counter, "cpu": state}
+    _seed, _counter = int(state["seed"]), int(state["counter"])
+    _generators.clear()
+    generator("cpu").bit_generator.state = state["cpu"]
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
 
 
 def generator(device="cpu"):
@@ -119,14 +159,53 @@ def generator(device="cpu"):
 
 
 def tf32_enabled():
-    """TF32 matmuls on the GPU are opt-in (CUPY_TF32=1), fp32 by default."""
+    """TF32 matmuls on the GPU are opt-in (CUPY_TF32=1 or ``set_tf32(True)``), fp32 by default."""
     return os.environ.get("CUPY_TF32", "0") == "1"
+
+
+def set_tf32(enabled):
+    """The one switch for TF32 matmuls on the GPU (tensor cores, 10-bit mantissa products, about
+    8× the fp32 rate on an H100): off by default, because results then differ from fp32 at ~1e-3.
+    Sets ``CUPY_TF32`` (read by CuPy at its first matmul) and, if CuPy already ran one, its
+    compute type for float32."""
+    os.environ["CUPY_TF32"] = "1" if enabled else "0"
+    if _cupy is not None:
+        try:
+            from cupy._core import _routines_linalg as linalg
+            linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
+        except (ImportError, AttributeError):   # a CuPy without the hook reads the variable lazily
+            pass
+
+
+# ---- fused GPU kernels (minitransformer/kernels) ----------------------------------------------
+
+_fused = os.environ.get("MINITRANSFORMER_FUSED", "1") != "0"
+
+
+def cupy():
+    """The CuPy module, for ``minitransformer.kernels`` (which compiles the fused kernels)."""
+    if _cupy is None:
+        raise RuntimeError(f"CuPy is not installed: {_INSTALL_HINT}")
+    return _cupy
+
+
+def fused(*arrays):
+    """Whether an op on these arrays runs its fused CUDA kernel: they are CuPy float32/float64
+    arrays and fused kernels are on (``MINITRANSFORMER_FUSED=0`` or ``set_fused(False)`` turns
+    them off, to compare with the array version or to debug)."""
+    return _fused and all(device_of(a) == "cuda" and a.dtype in (np.float32, np.float64) for a in arrays)
+
+
+def set_fused(enabled):
+    """Turn the fused GPU kernels on or off; returns the previous setting."""
+    global _fused
+    previous, _fused = _fused, bool(enabled)
+    return previous
 
 
 def scatter_add(target, index, values):
     """``target[index] += values`` where repeated indices *accumulate* (embedding backward)."""
     if device_of(target) == "cuda":
-        import cupyx  # ships with CuPy
-        cupyx.scatter_add(target, index, values)
+        _cupy.add.at(target, index, values)
     else:
         np.add.at(target, index, values)

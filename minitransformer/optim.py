@@ -3,7 +3,7 @@ schedule ``lrate = d_model^-0.5 · min(step^-0.5, step · warmup_steps^-1.5)``; 
 gradient-norm clipping. Updates happen in place on ``Parameter.data`` and build no graph."""
 import math
 
-from . import backend
+from . import backend, kernels
 
 
 class Optimizer:
@@ -90,8 +90,12 @@ class Adam(Optimizer):
         t = self.step_count
         step_size = self.lr / (1 - beta1 ** t)
         sqrt_correction2 = math.sqrt(1 - beta2 ** t)
+        fused = {}   # dtype -> quadruples for the one-launch kernel (GPU)
         for p, m, v in zip(self.params, self.m, self.v):
             if p.grad is None:
+                continue
+            if backend.fused(p.data, p.grad) and all(a.flags.c_contiguous for a in (p.data, p.grad, m, v)):
+                fused.setdefault(p.dtype, []).append((p.data, p.grad, m, v))
                 continue
             g, xp = p.grad, p.xp
             m *= beta1
@@ -101,6 +105,8 @@ class Adam(Optimizer):
             denom = xp.sqrt(v) / p.dtype.type(sqrt_correction2)
             denom += p.dtype.type(self.eps)
             p.data -= p.dtype.type(step_size) * (m / denom)
+        for quads in fused.values():
+            kernels.adam_step(*zip(*quads), beta1, beta2, step_size, sqrt_correction2, self.eps)
 
 
 class NoamSchedule:

@@ -94,7 +94,7 @@ class Trainer:
         meta = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "elapsed": self.elapsed, "losses": self.losses, "history": self.history,
                 "train_config": asdict(self.config),
-                "rng": _jsonable(backend.generator("cpu").bit_generator.state)}
+                "rng": backend.random_state()}
         return save_checkpoint(path, self.model, self.optimizer, self.schedule, meta)
 
     def resume(self, path):
@@ -103,7 +103,7 @@ class Trainer:
         self.batch_in_epoch, self.elapsed = meta["batch_in_epoch"], meta["elapsed"]
         self.losses = [tuple(x) for x in meta["losses"]]
         self.history = meta["history"]
-        backend.generator("cpu").bit_generator.state = meta["rng"]
+        backend.set_random_state(meta["rng"])
         return meta
 
     def _interval_checkpoint(self):
@@ -198,14 +198,6 @@ class Trainer:
         for line in record.get("samples", []):
             bar.write(f"  {line}")
         return record
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    return obj
 
 
 class _NoBar:

@@ -7,6 +7,7 @@ The mask is boolean, True where a query *may* attend to a key, and broadcasts to
 """
 import math
 
+from .. import backend, kernels
 from ..tensor import Tensor, as_tensor, check_same_device, make_op, unbroadcast
 from .dropout import check_p, dropout_mask
 
@@ -39,7 +40,7 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
     xp = q.xp
     scale = 1.0 / math.sqrt(q.shape[-1])
 
-    scores = (q.data @ _t(k.data)) * q.dtype.type(scale)                     # (…, Lq, Lk)
+    scores = q.data @ _t(k.data)                                              # (…, Lq, Lk), unscaled
     if mask is not None:
         mask = as_tensor(mask, q)
         check_same_device(op, q, mask)
@@ -51,6 +52,11 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
         except ValueError:
             raise ValueError(f"{op}: mask of shape {mask.shape} is not broadcastable to the attention "
                              f"scores' shape (…, Lq, Lk) = {scores.shape}") from None
+    if backend.fused(scores, v.data) and scores.ndim <= 4:
+        return _fused(q, k, v, scores, mask, scale, dropout_p if training else 0.0)
+
+    scores = scores * q.dtype.type(scale)
+    if mask is not None:
         scores = xp.where(mask.data, scores, -xp.inf)
     row_max = scores.max(axis=-1, keepdims=True)
     row_max = xp.where(xp.isfinite(row_max), row_max, 0)                     # fully masked rows
@@ -75,3 +81,26 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
         dK = unbroadcast(_t(dS) @ q.data, k.shape) if k.requires_grad else None
         return dQ, dK, dV
     return make_op(out, (q, k, v), backward, op), Tensor(P)
+
+
+def _fused(q, k, v, scores, mask, scale, dropout_p):
+    """The same op on the GPU with fused kernels: one kernel for scale + mask + softmax, one for the
+    softmax backward; the dropout mask is regenerated in the backward from its (seed, offset)."""
+    P = kernels.masked_softmax(scores, mask.data if mask is not None else None, scale)
+    if dropout_p > 0:
+        seed, offset = backend.counter_stream(P.size)
+        P_tilde = kernels.dropout_apply(P, dropout_p, seed, offset)
+    else:
+        P_tilde = P
+    out = P_tilde @ v.data
+
+    def backward(dO):
+        dV = unbroadcast(_t(P_tilde) @ dO, v.shape) if v.requires_grad else None
+        dP = dO @ _t(v.data)
+        if dropout_p > 0:
+            dP = kernels.dropout_apply(dP, dropout_p, seed, offset)
+        dS = kernels.softmax_backward(P, dP, scale)
+        dQ = unbroadcast(dS @ k.data, q.shape) if q.requires_grad else None
+        dK = unbroadcast(_t(dS) @ q.data, k.shape) if k.requires_grad else None
+        return dQ, dK, dV
+    return make_op(out, (q, k, v), backward, "scaled_dot_product_attention"), Tensor(P)

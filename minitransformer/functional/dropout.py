@@ -2,11 +2,12 @@
 
 Training keeps each element with probability ``1 - p`` and scales it by ``1 / (1 - p)``, so
 evaluation is the identity. The mask comes from the device generator (``mt.manual_seed``) and
-is saved for the backward. docs/backward.md#dropout.
+is saved for the backward; on the GPU the fused kernel draws it from a counter-based generator
+and regenerates it in the backward instead. docs/backward.md#dropout.
 """
 import numpy as np
 
-from .. import backend
+from .. import backend, kernels
 from ..tensor import make_op
 
 
@@ -26,5 +27,9 @@ def dropout(x, p, training=True):
     check_p("dropout", p)
     if not training or p == 0.0:
         return x
+    if backend.fused(x.data):   # the mask is regenerated from (seed, offset), never stored
+        seed, offset = backend.counter_stream(x.size)
+        return make_op(kernels.dropout_apply(x.data, p, seed, offset), (x,),
+                       lambda g: (kernels.dropout_apply(g, p, seed, offset),), "dropout")
     mask = dropout_mask(x.shape, p, x.dtype, x.device)
     return make_op(x.data * mask, (x,), lambda g: (g * mask,), "dropout")

@@ -5,7 +5,7 @@ up. docs/backward.md#embedding.
 """
 import numpy as np
 
-from .. import backend
+from .. import backend, kernels
 from ..tensor import Tensor, as_tensor, make_op
 
 
@@ -47,6 +47,8 @@ def embedding(ids, weight):
     d = weight.shape[1]
 
     def backward(g):
+        if backend.fused(g):
+            return (kernels.embedding_backward(ids, g, weight.shape[0]),)
         dW = weight.xp.zeros_like(weight.data)
         backend.scatter_add(dW, ids.reshape(-1), g.reshape(-1, d))
         return (dW,)

@@ -5,7 +5,7 @@ Same definition as ``torch.nn.functional.cross_entropy``: the target distributio
 the targets that are not ``ignore_index``. docs/backward.md#cross-entropy.
 """
 
-from .. import backend
+from .. import backend, kernels
 from ..tensor import as_tensor, make_op
 from .embedding import check_ids, id_array
 
@@ -34,6 +34,11 @@ def cross_entropy(logits, target, ignore_index=None, label_smoothing=0.0):
     counted = backend.to_device(counted, logits.device)
 
     xp, dtype = logits.xp, logits.dtype
+    weight = counted.astype(dtype)
+    n = xp.maximum(weight.sum(), 1)                                            # stays on the device
+    if backend.fused(logits.data):
+        return _fused(logits, target, weight, n, label_smoothing)
+
     shifted = logits.data - logits.data.max(axis=1, keepdims=True)
     p = xp.exp(shifted)
     total = p.sum(axis=1, keepdims=True)
@@ -43,8 +48,6 @@ def cross_entropy(logits, target, ignore_index=None, label_smoothing=0.0):
     nll = -log_p[rows, target]                                                 # -log p_t
     smooth = -log_p.mean(axis=1)                                               # -Σ_c log p_c / C
     per_row = (1.0 - label_smoothing) * nll + label_smoothing * smooth
-    weight = counted.astype(dtype)
-    n = xp.maximum(weight.sum(), 1)                                            # stays on the device
     loss = (per_row * weight).sum() / n
 
     def backward(g):
@@ -53,3 +56,15 @@ def cross_entropy(logits, target, ignore_index=None, label_smoothing=0.0):
         dlogits *= (weight * (g / n))[:, None]
         return (dlogits,)
     return make_op(loss.astype(dtype), (logits,), backward, "cross_entropy")
+
+
+def _fused(logits, target, weight, n, label_smoothing):
+    """The same op on the GPU: the forward reads the logits once per pass and keeps only
+    ``lse = log Σ exp`` per row; the backward recomputes the softmax from it (no (N, C) array is
+    kept between forward and backward)."""
+    per_row, lse = kernels.cross_entropy(logits.data, target, label_smoothing)
+    loss = (per_row * weight).sum() / n
+
+    def backward(g):
+        return (kernels.cross_entropy_backward(logits.data, target, lse, weight * (g / n), label_smoothing),)
+    return make_op(loss.astype(logits.dtype), (logits,), backward, "cross_entropy")

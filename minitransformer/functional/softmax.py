@@ -2,6 +2,7 @@
 
 Both subtract the row maximum first, so ``exp`` never overflows. docs/backward.md#softmax.
 """
+from .. import backend, kernels
 from ..tensor import make_op
 
 
@@ -11,6 +12,10 @@ def softmax(x, axis=-1):
     Backward: ``dx = s * (g - Σ_axis g * s)`` (the Jacobian ``diag(s) - s sᵀ`` applied to ``g``).
     """
     xp = x.xp
+    if backend.fused(x.data) and axis in (-1, x.ndim - 1) and x.ndim >= 1:   # one kernel each way
+        L = x.shape[-1]
+        s = kernels.masked_softmax(x.data.reshape(-1, L), None, 1.0).reshape(x.shape)
+        return make_op(s, (x,), lambda g: (kernels.softmax_backward(s, g, 1.0),), "softmax")
     e = xp.exp(x.data - x.data.max(axis=axis, keepdims=True))
     s = e / e.sum(axis=axis, keepdims=True)
 

@@ -1,0 +1,243 @@
+"""Fused CUDA kernels for the hot ops, reached only through ``functional/`` (and ``optim.Adam``)
+when the arrays live on the GPU; ``backend.fused`` decides, ``MINITRANSFORMER_FUSED=0`` turns them off.
+
+Why: an op written with array expressions launches one GPU kernel per expression and writes every
+temporary to memory (softmax alone is max, subtract, exp, sum, divide). On a small model the step is
+then bound by launch overhead, on a large one by memory traffic. Each kernel here does its op in one
+or two passes and computes the *same formula* as the array version next to it in ``functional/``;
+``tests/test_kernels.py`` checks every one against its array twin on the GPU.
+
+Every function takes and returns CuPy arrays; ``minitransformer.kernels._source`` holds the CUDA C++.
+"""
+import functools
+import math
+
+import numpy as np
+
+from .. import backend
+from ._source import KERNELS, NAMES, PRELUDE
+
+_THREADS = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _module():
+    cp = backend.cupy()
+    names = [f"{n}<{t}>" for n in NAMES for t in ("float", "double")]
+    return cp.RawModule(code=PRELUDE + KERNELS, options=("--std=c++14", "--fmad=false"), name_expressions=names)
+
+
+def _kernel(name, dtype):
+    return _module().get_function(f"{name}<{'float' if dtype == np.float32 else 'double'}>")
+
+
+def _block(n):
+    """Threads for one row of ``n`` elements: a power of two in [32, 1024]."""
+    return int(min(1024, max(32, 1 << max(0, math.ceil(math.log2(max(n, 1)))))))
+
+
+def _grid(n, threads=_THREADS):
+    return int(max(1, min((n + threads - 1) // threads, 65536)))
+
+
+def _contiguous(a):
+    return backend.cupy().ascontiguousarray(a)
+
+
+# ---- softmax (§3.2.1 attention weights) ---------------------------------------------------------
+
+def masked_softmax(scores, mask, scale):
+    """``P = softmax(where(mask, scores * scale, -inf))`` over the last axis; rows with no key
+    left are 0. ``mask`` (bool, True = may attend) broadcasts to ``scores`` (≤ 4 axes) or is None."""
+    cp = backend.cupy()
+    scores = _contiguous(scores)
+    shape = scores.shape
+    *lead, Lq, Lk = (1,) * (4 - len(shape)) + shape
+    d0, d1 = lead
+    P = cp.empty_like(scores)
+    rows = d0 * d1 * Lq
+    if rows == 0 or Lk == 0:
+        return P
+    if mask is not None:
+        view = cp.broadcast_to(mask, shape).view(cp.uint8).reshape((1,) * (4 - len(shape)) + shape)
+        strides = [s // view.itemsize for s in view.strides]
+        mask_arg, has_mask = view, 1
+    else:
+        strides, mask_arg, has_mask = [0, 0, 0, 0], cp.empty(1, dtype=cp.uint8), 0
+    T = scores.dtype.type
+    _kernel("masked_softmax_fwd", scores.dtype)(
+        (rows,), (_block(Lk),),
+        (scores, mask_arg, np.int32(has_mask), *(np.int64(s) for s in strides),
+         np.int32(d1), np.int32(Lq), np.int32(Lk), T(scale), P))
+    return P
+
+
+def softmax_backward(P, dP, scale=1.0):
+    """``dS = P * (dP - Σ_k dP * P) * scale`` over the last axis."""
+    cp = backend.cupy()
+    P, dP = _contiguous(P), _contiguous(dP)
+    L = P.shape[-1]
+    dS = cp.empty_like(P)
+    rows = P.size // max(L, 1)
+    if rows and L:
+        _kernel("softmax_bwd", P.dtype)((rows,), (_block(L),), (P, dP, np.int32(L), P.dtype.type(scale), dS))
+    return dS
+
+
+# ---- dropout (§5.4) ------------------------------------------------------------------------------
+
+def _stream_key(seed):
+    """A 64-bit key per seed (SplitMix64 of the seed), so that nearby seeds give unrelated streams."""
+    z = (int(seed) + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
+
+
+def dropout_apply(x, p, seed, offset):
+    """``x * m`` with ``m = [u ≥ p] / (1 - p)``, ``u`` number ``offset + i`` of stream ``seed``: the
+    same call with the same ``(seed, offset)`` gives the same mask (forward and backward)."""
+    cp = backend.cupy()
+    x = _contiguous(x)
+    y = cp.empty_like(x)
+    if x.size:
+        _kernel("dropout_apply", x.dtype)(
+            (_grid(x.size),), (_THREADS,),
+            (x, y, np.int64(x.size), np.uint64(_stream_key(seed)), np.uint64(offset), np.float32(p),
+             x.dtype.type(1.0 / (1.0 - p))))
+    return y
+
+
+def dropout_mask(shape, dtype, p, seed, offset):
+    """The mask ``dropout_apply`` multiplies by (for tests and for learners who want to see it)."""
+    return dropout_apply(backend.cupy().ones(shape, dtype=dtype), p, seed, offset)
+
+
+# ---- LayerNorm (§3.1) ------------------------------------------------------------------------------
+
+def layer_norm(x, weight, bias, eps):
+    """Returns ``(y, mean, rstd)``; ``mean``/``rstd`` (one per row) are what the backward needs."""
+    cp = backend.cupy()
+    x = _contiguous(x)
+    d = x.shape[-1]
+    rows = x.size // max(d, 1)
+    y = cp.empty_like(x)
+    mean = cp.empty(rows, dtype=x.dtype)
+    rstd = cp.empty(rows, dtype=x.dtype)
+    dummy = cp.empty(1, dtype=x.dtype)
+    if rows and d:
+        _kernel("layer_norm_fwd", x.dtype)(
+            (rows,), (_block(min(d, 256)),),
+            (x, weight if weight is not None else dummy, bias if bias is not None else dummy,
+             np.int32(weight is not None), np.int32(bias is not None), np.int32(d), x.dtype.type(eps),
+             y, mean, rstd))
+    return y, mean, rstd
+
+
+def layer_norm_backward(x, g, weight, mean, rstd, need_weight_grads=True):
+    """Returns ``(dx, dw, db)``; ``dw``/``db`` are column sums over all rows (None if not needed)."""
+    cp = backend.cupy()
+    x, g = _contiguous(x), _contiguous(g)
+    d = x.shape[-1]
+    rows = x.size // max(d, 1)
+    dx = cp.empty_like(x)
+    if rows == 0 or d == 0:
+        zeros = cp.zeros(d, dtype=x.dtype)
+        return dx, zeros, zeros.copy()
+    _kernel("layer_norm_bwd_dx", x.dtype)(
+        (rows,), (_block(min(d, 256)),),
+        (x, g, weight if weight is not None else cp.empty(1, dtype=x.dtype), np.int32(weight is not None),
+         mean, rstd, np.int32(d), dx))
+    if not need_weight_grads:
+        return dx, None, None
+    rows_per_chunk = 32
+    chunks = (rows + rows_per_chunk - 1) // rows_per_chunk
+    part_w = cp.empty((chunks, d), dtype=x.dtype)
+    part_b = cp.empty((chunks, d), dtype=x.dtype)
+    _kernel("layer_norm_bwd_dwdb", x.dtype)(
+        (chunks, (d + 127) // 128), (128,),
+        (x, g, mean, rstd, np.int64(rows), np.int32(d), np.int32(rows_per_chunk), part_w, part_b))
+    return dx, part_w.sum(axis=0), part_b.sum(axis=0)
+
+
+# ---- label-smoothed cross-entropy (§5.4) ---------------------------------------------------------------
+
+def cross_entropy(logits, target, label_smoothing):
+    """Per-row loss ``(1 - ε)(lse - x_t) + ε(lse - mean x)`` and ``lse = log Σ exp x`` (for backward)."""
+    cp = backend.cupy()
+    logits = _contiguous(logits)
+    N, C = logits.shape
+    target = _contiguous(target.astype(cp.int64, copy=False))
+    loss_row = cp.empty(N, dtype=logits.dtype)
+    lse = cp.empty(N, dtype=logits.dtype)
+    if N:
+        _kernel("cross_entropy_fwd", logits.dtype)(
+            (N,), (_block(min(C, 1024)),),
+            (logits, target, np.int32(C), logits.dtype.type(label_smoothing), loss_row, lse))
+    return loss_row, lse
+
+
+def cross_entropy_backward(logits, target, lse, row_scale, label_smoothing):
+    """``dlogits = (softmax(logits) - ε/C - (1 - ε) onehot(t)) * row_scale[:, None]``."""
+    cp = backend.cupy()
+    logits = _contiguous(logits)
+    N, C = logits.shape
+    target = _contiguous(target.astype(cp.int64, copy=False))
+    dlogits = cp.empty_like(logits)
+    if N:
+        _kernel("cross_entropy_bwd", logits.dtype)(
+            (N,), (_block(min(C, 1024)),),
+            (logits, target, lse, _contiguous(row_scale.astype(logits.dtype, copy=False)), np.int32(C),
+             logits.dtype.type(label_smoothing), dlogits))
+    return dlogits
+
+
+# ---- embedding (§3.4) -----------------------------------------------------------------------------------
+
+def embedding_backward(ids, g, num_embeddings):
+    """``dW[v] = Σ_{i: ids[i] = v} g[i]`` by atomic adds (repeated ids accumulate)."""
+    cp = backend.cupy()
+    g = _contiguous(g)
+    d = g.shape[-1]
+    ids = _contiguous(ids.reshape(-1).astype(cp.int64, copy=False))
+    dW = cp.zeros((num_embeddings, d), dtype=g.dtype)
+    if ids.size and d:
+        _kernel("embedding_bwd", g.dtype)((_grid(ids.size * d),), (_THREADS,),
+                                          (ids, g, np.int64(ids.size), np.int32(d), dW))
+    return dW
+
+
+# ---- Adam over every parameter in one launch (§5.3) ------------------------------------------------------
+
+_CHUNK = 65536
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_table(sizes):
+    """Which tensor and where in it each block works: the same for every step of a model."""
+    cp = backend.cupy()
+    tensor, start = [], []
+    for i, n in enumerate(sizes):
+        for s in range(0, n, _CHUNK):
+            tensor.append(i)
+            start.append(s)
+    return (cp.asarray(np.asarray(sizes, dtype=np.int64)), cp.asarray(np.asarray(tensor, dtype=np.int32)),
+            cp.asarray(np.asarray(start, dtype=np.int64)), len(tensor))
+
+
+def adam_step(params, grads, ms, vs, beta1, beta2, step_size, sqrt_correction2, eps):
+    """One Adam update of every (p, g, m, v) quadruple (same dtype, contiguous, on the GPU), in place.
+
+    The device pointers go over as one small table per step (an asynchronous copy): no host sync.
+    """
+    cp = backend.cupy()
+    if not params:
+        return
+    dtype = params[0].dtype
+    T = dtype.type
+    ptrs = np.array([[a.data.ptr for a in quad] for quad in zip(params, grads, ms, vs)], dtype=np.uint64).reshape(-1)
+    sizes, chunk_tensor, chunk_start, blocks = _chunk_table(tuple(int(p.size) for p in params))
+    _kernel("adam_step", dtype)(
+        (blocks,), (512,),
+        (cp.asarray(ptrs), sizes, chunk_tensor, chunk_start, np.int32(_CHUNK), T(beta1), T(beta2),
+         T(1 - beta1), T(1 - beta2), T(step_size), T(sqrt_correction2), T(eps)))

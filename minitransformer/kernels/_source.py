@@ -1,0 +1,245 @@
+"""CUDA C++ of the fused kernels (compiled by NVRTC through CuPy, for float and double).
+
+Each kernel computes the same formula as its array twin in ``minitransformer.functional`` (the
+docstring there names it); one thread block handles one row where a row reduction is needed.
+Compiled with ``--fmad=false`` so a multiply-add rounds twice, as the array version does.
+"""
+
+PRELUDE = r"""
+template<typename T> __device__ __forceinline__ T neg_inf();
+template<> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
+template<> __device__ __forceinline__ double neg_inf<double>() { return __longlong_as_double(0xfff0000000000000ULL); }
+__device__ __forceinline__ float t_exp(float x) { return expf(x); }
+__device__ __forceinline__ double t_exp(double x) { return exp(x); }
+__device__ __forceinline__ float t_log(float x) { return logf(x); }
+__device__ __forceinline__ double t_log(double x) { return log(x); }
+__device__ __forceinline__ float t_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double t_sqrt(double x) { return sqrt(x); }
+template<typename T> __device__ __forceinline__ T t_max(T a, T b) { return a > b ? a : b; }
+
+template<typename T, bool IS_MAX> __device__ __forceinline__ T warp_reduce(T v) {
+    for (int o = 16; o > 0; o >>= 1) {
+        T other = __shfl_xor_sync(0xffffffffu, v, o);
+        v = IS_MAX ? t_max(v, other) : v + other;
+    }
+    return v;
+}
+
+// Sum (or max) over the block; every thread gets the result. smem holds 33 values.
+template<typename T, bool IS_MAX> __device__ T block_reduce(T v, T* smem) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+    v = warp_reduce<T, IS_MAX>(v);
+    __syncthreads();                      // earlier readers of smem are done
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        T w = lane < warps ? smem[lane] : (IS_MAX ? neg_inf<T>() : T(0));
+        w = warp_reduce<T, IS_MAX>(w);
+        if (lane == 0) smem[32] = w;
+    }
+    __syncthreads();
+    return smem[32];
+}
+
+// SplitMix64: number i of a stream is mix(key + (offset + i) * golden) (counter-based, stateless).
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+__device__ __forceinline__ float uniform01(unsigned long long key, unsigned long long counter) {
+    return (float)(mix64(key + counter * 0x9E3779B97F4A7C15ULL) >> 40) * (1.0f / 16777216.0f);
+}
+"""
+
+KERNELS = r"""
+// softmax(S * scale) over the last axis of rows of length Lk, masked places (mask == 0) get 0;
+// a row with no key left is all 0. The mask is read through its broadcast strides (ms0..ms3).
+template<typename T>
+__global__ void masked_softmax_fwd(const T* __restrict__ S, const unsigned char* __restrict__ mask, int has_mask,
+                                   long long ms0, long long ms1, long long ms2, long long ms3,
+                                   int d1, int Lq, int Lk, T scale, T* __restrict__ P) {
+    __shared__ T smem[33];
+    const long long row = blockIdx.x;
+    const T* s = S + row * Lk;
+    T* p = P + row * Lk;
+    const unsigned char* m = mask;
+    if (has_mask) {
+        const long long iq = row % Lq, rest = row / Lq, i1 = rest % d1, i0 = rest / d1;
+        m = mask + i0 * ms0 + i1 * ms1 + iq * ms2;
+    }
+    T mx = neg_inf<T>();
+    for (int k = threadIdx.x; k < Lk; k += blockDim.x)
+        if (!has_mask || m[k * ms3]) mx = t_max(mx, s[k] * scale);
+    mx = block_reduce<T, true>(mx, smem);
+    const bool empty = !(mx > neg_inf<T>());
+    T total = 0;
+    if (!empty)
+        for (int k = threadIdx.x; k < Lk; k += blockDim.x)
+            if (!has_mask || m[k * ms3]) total += t_exp(s[k] * scale - mx);
+    total = block_reduce<T, false>(total, smem);
+    for (int k = threadIdx.x; k < Lk; k += blockDim.x)
+        p[k] = (!empty && (!has_mask || m[k * ms3])) ? t_exp(s[k] * scale - mx) / total : T(0);
+}
+
+// dS = P * (dP - sum_k dP * P) * scale, row by row.
+template<typename T>
+__global__ void softmax_bwd(const T* __restrict__ P, const T* __restrict__ dP, int L, T scale, T* __restrict__ dS) {
+    __shared__ T smem[33];
+    const long long row = blockIdx.x;
+    const T* p = P + row * L;
+    const T* dp = dP + row * L;
+    T dot = 0;
+    for (int k = threadIdx.x; k < L; k += blockDim.x) dot += dp[k] * p[k];
+    dot = block_reduce<T, false>(dot, smem);
+    for (int k = threadIdx.x; k < L; k += blockDim.x) dS[row * L + k] = p[k] * (dp[k] - dot) * scale;
+}
+
+// y = x * m with m = [u >= p] * scale, u = uniform01(key, offset + i): inverted dropout whose mask
+// is recomputed from (key, offset) in the backward instead of being stored.
+template<typename T>
+__global__ void dropout_apply(const T* __restrict__ x, T* __restrict__ y, long long n, unsigned long long key,
+                              unsigned long long offset, float p, T scale) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = uniform01(key, offset + i) >= p ? x[i] * scale : T(0);
+}
+
+// LayerNorm over rows of length d: y = (x - mean) * rstd * w + b; keeps mean and rstd per row.
+template<typename T>
+__global__ void layer_norm_fwd(const T* __restrict__ x, const T* __restrict__ w, const T* __restrict__ b,
+                               int has_w, int has_b, int d, T eps, T* __restrict__ y,
+                               T* __restrict__ mean_out, T* __restrict__ rstd_out) {
+    __shared__ T smem[33];
+    const long long row = blockIdx.x;
+    const T* xr = x + row * d;
+    T acc = 0;
+    for (int k = threadIdx.x; k < d; k += blockDim.x) acc += xr[k];
+    const T mean = block_reduce<T, false>(acc, smem) / T(d);
+    acc = 0;
+    for (int k = threadIdx.x; k < d; k += blockDim.x) { T c = xr[k] - mean; acc += c * c; }
+    const T rstd = T(1) / t_sqrt(block_reduce<T, false>(acc, smem) / T(d) + eps);
+    for (int k = threadIdx.x; k < d; k += blockDim.x) {
+        T out = (xr[k] - mean) * rstd;
+        if (has_w) out = out * w[k];
+        if (has_b) out = out + b[k];
+        y[row * d + k] = out;
+    }
+    if (threadIdx.x == 0) { mean_out[row] = mean; rstd_out[row] = rstd; }
+}
+
+// dx = rstd * (dxh - mean(dxh) - xh * mean(dxh * xh)) with dxh = g * w, xh = (x - mean) * rstd.
+template<typename T>
+__global__ void layer_norm_bwd_dx(const T* __restrict__ x, const T* __restrict__ g, const T* __restrict__ w,
+                                  int has_w, const T* __restrict__ mean, const T* __restrict__ rstd, int d,
+                                  T* __restrict__ dx) {
+    __shared__ T smem[33];
+    const long long row = blockIdx.x;
+    const T mu = mean[row], rs = rstd[row];
+    const T* xr = x + row * d;
+    const T* gr = g + row * d;
+    T a = 0, c = 0;
+    for (int k = threadIdx.x; k < d; k += blockDim.x) {
+        T xh = (xr[k] - mu) * rs, dxh = has_w ? gr[k] * w[k] : gr[k];
+        a += dxh;
+        c += dxh * xh;
+    }
+    a = block_reduce<T, false>(a, smem) / T(d);
+    c = block_reduce<T, false>(c, smem) / T(d);
+    for (int k = threadIdx.x; k < d; k += blockDim.x) {
+        T xh = (xr[k] - mu) * rs, dxh = has_w ? gr[k] * w[k] : gr[k];
+        dx[row * d + k] = rs * (dxh - a - xh * c);
+    }
+}
+
+// Partial column sums of g * xh (for dw) and g (for db) over chunks of rows; summed after.
+template<typename T>
+__global__ void layer_norm_bwd_dwdb(const T* __restrict__ x, const T* __restrict__ g, const T* __restrict__ mean,
+                                    const T* __restrict__ rstd, long long R, int d, int rows_per_chunk,
+                                    T* __restrict__ part_w, T* __restrict__ part_b) {
+    const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    const long long r0 = (long long)blockIdx.x * rows_per_chunk;
+    const long long r1 = r0 + rows_per_chunk < R ? r0 + rows_per_chunk : R;
+    T aw = 0, ab = 0;
+    for (long long r = r0; r < r1; ++r) {
+        T gv = g[r * d + j];
+        aw += gv * ((x[r * d + j] - mean[r]) * rstd[r]);
+        ab += gv;
+    }
+    part_w[blockIdx.x * (long long)d + j] = aw;
+    part_b[blockIdx.x * (long long)d + j] = ab;
+}
+
+// Label-smoothed cross-entropy of one row of logits: with lse = log sum exp x,
+// loss = (1 - eps) (lse - x_t) + eps (lse - mean x). Keeps lse for the backward.
+template<typename T>
+__global__ void cross_entropy_fwd(const T* __restrict__ logits, const long long* __restrict__ target, int C,
+                                  T eps_ls, T* __restrict__ loss_row, T* __restrict__ lse_out) {
+    __shared__ T smem[33];
+    const long long row = blockIdx.x;
+    const T* xr = logits + row * C;
+    T mx = neg_inf<T>(), sx = 0;
+    for (int k = threadIdx.x; k < C; k += blockDim.x) { T v = xr[k]; mx = t_max(mx, v); sx += v; }
+    mx = block_reduce<T, true>(mx, smem);
+    sx = block_reduce<T, false>(sx, smem);
+    T total = 0;
+    for (int k = threadIdx.x; k < C; k += blockDim.x) total += t_exp(xr[k] - mx);
+    total = block_reduce<T, false>(total, smem);
+    if (threadIdx.x == 0) {
+        const T lse = mx + t_log(total);
+        loss_row[row] = (T(1) - eps_ls) * (lse - xr[target[row]]) + eps_ls * (lse - sx / T(C));
+        lse_out[row] = lse;
+    }
+}
+
+// dlogits = (softmax(x) - eps/C - (1 - eps) [c == t]) * row_scale, row_scale = counted * g / n.
+template<typename T>
+__global__ void cross_entropy_bwd(const T* __restrict__ logits, const long long* __restrict__ target,
+                                  const T* __restrict__ lse, const T* __restrict__ row_scale, int C, T eps_ls,
+                                  T* __restrict__ dlogits) {
+    const long long row = blockIdx.x;
+    const T L = lse[row], s = row_scale[row], off = eps_ls / T(C);
+    const long long t = target[row];
+    for (int k = threadIdx.x; k < C; k += blockDim.x) {
+        T v = t_exp(logits[row * C + k] - L) - off;
+        if (k == t) v -= T(1) - eps_ls;
+        dlogits[row * C + k] = v * s;
+    }
+}
+
+// dW[ids[r], :] += g[r, :], repeated ids accumulate (atomics).
+template<typename T>
+__global__ void embedding_bwd(const long long* __restrict__ ids, const T* __restrict__ g, long long n, int d,
+                              T* __restrict__ dW) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n * d;
+         i += (long long)gridDim.x * blockDim.x)
+        atomicAdd(dW + ids[i / d] * d + i % d, g[i]);
+}
+
+// Adam over many tensors in one launch: block b updates chunk b of tensor chunk_tensor[b];
+// ptrs holds (p, g, m, v) device pointers per tensor. Same order of operations as optim.Adam.
+template<typename T>
+__global__ void adam_step(const unsigned long long* __restrict__ ptrs, const long long* __restrict__ sizes,
+                          const int* __restrict__ chunk_tensor, const long long* __restrict__ chunk_start,
+                          int chunk_size, T beta1, T beta2, T one_minus_beta1, T one_minus_beta2,
+                          T step_size, T sqrt_correction2, T eps) {
+    const int t = chunk_tensor[blockIdx.x];
+    const long long start = chunk_start[blockIdx.x];
+    const long long end = start + chunk_size < sizes[t] ? start + chunk_size : sizes[t];
+    T* p = (T*)ptrs[4 * t];
+    const T* g = (const T*)ptrs[4 * t + 1];
+    T* m = (T*)ptrs[4 * t + 2];
+    T* v = (T*)ptrs[4 * t + 3];
+    for (long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        const T gi = g[i];
+        const T mi = m[i] * beta1 + one_minus_beta1 * gi;
+        const T vi = v[i] * beta2 + one_minus_beta2 * (gi * gi);
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] - step_size * (mi / (t_sqrt(vi) / sqrt_correction2 + eps));
+    }
+}
+"""
+
+NAMES = ("masked_softmax_fwd", "softmax_bwd", "dropout_apply", "layer_norm_fwd", "layer_norm_bwd_dx",
+         "layer_norm_bwd_dwdb", "cross_entropy_fwd", "cross_entropy_bwd", "embedding_bwd", "adam_step")

@@ -1,0 +1,248 @@
+"""The fused GPU kernels (minitransformer/kernels) against their array twins, on the GPU.
+
+Every test runs the same op twice on CuPy arrays, with the fused kernels off (the array formulas of
+functional/) and on, and compares outputs and gradients: float64 to 1e-12, float32 to float32
+rounding. Dropout's mask is compared with the one the kernel says it drew. These tests need a GPU
+and CuPy (elsewhere the fused kernels are never used, and the module is skipped as a whole).
+"""
+import contextlib
+
+import numpy as np
+import pytest
+
+import minitransformer as mt
+from minitransformer import backend, kernels
+from minitransformer import functional as F
+from minitransformer.optim import Adam
+
+pytestmark = pytest.mark.skipif(not mt.cuda_is_available(), reason="needs a GPU and CuPy")
+
+TOL = {"float64": dict(rtol=1e-10, atol=1e-12), "float32": dict(rtol=2e-5, atol=2e-6)}
+
+
+@contextlib.contextmanager
+def fused(enabled):
+    previous = backend.set_fused(enabled)
+    try:
+        yield
+    finally:
+        backend.set_fused(previous)
+
+
+def run_both(fn, arrays, dtype, grad_seed=0):
+    """``fn(*tensors)`` with fused kernels off and on: (output, grads) of each, as NumPy arrays."""
+    results = []
+    for enabled in (False, True):
+        with fused(enabled):
+            tensors = [mt.tensor(a, dtype=dtype if a.dtype.kind == "f" else None, device="cuda",
+                                 requires_grad=a.dtype.kind == "f") for a in arrays]
+            out = fn(*tensors)
+            if isinstance(out, tuple):
+                out = out[0]
+            g = np.random.default_rng(grad_seed).standard_normal(out.shape)
+            out.backward(mt.tensor(g, dtype=dtype, device="cuda") if out.ndim else None)
+            results.append((out.numpy(), [backend.to_numpy(t.grad) if t.grad is not None else None
+                                          for t in tensors]))
+    return results
+
+
+def assert_same(results, dtype):
+    (out0, grads0), (out1, grads1) = results
+    np.testing.assert_allclose(out1, out0, **TOL[dtype])
+    for g0, g1 in zip(grads0, grads1):
+        if g0 is None:
+            assert g1 is None
+        else:
+            np.testing.assert_allclose(g1, g0, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape, mask_kind", [((2, 3, 5, 7), "padding"), ((2, 3, 6, 6), "causal"),
+                                              ((2, 4, 9), "full"), ((1, 2, 3, 1500), "padding"),
+                                              ((3, 2, 4, 4), None), ((2, 1, 5, 8), "one_key")])
+def test_masked_softmax_attention_matches_the_array_version(rng, dtype, shape, mask_kind):
+    *lead, Lq, Lk = shape
+    d_k = 8
+    q, k, v = (rng.standard_normal((*lead, L, d_k)) for L in (Lq, Lk, Lk))
+    if mask_kind == "padding":      # (B, 1, 1, Lk): the last keys of each sequence are padding
+        lengths = rng.integers(1, Lk + 1, size=shape[0])
+        mask = (np.arange(Lk)[None, :] < lengths[:, None]).reshape(shape[0], *([1] * (len(shape) - 2)), Lk)
+    elif mask_kind == "causal":
+        mask = np.tril(np.ones((Lq, Lk), dtype=bool))
+    elif mask_kind == "full":
+        mask = rng.random(shape) < 0.6
+        mask[0, 0, :] = False          # a query that sees nothing: its output and weights are 0
+    elif mask_kind == "one_key":
+        mask = np.zeros(shape, dtype=bool)
+        mask[..., 0] = True            # every query sees exactly one key
+    else:
+        mask = None
+    results = run_both(lambda q, k, v: F.scaled_dot_product_attention(
+        q, k, v, None if mask is None else mt.tensor(mask, device="cuda")), [q, k, v], dtype)
+    assert_same(results, dtype)
+    with fused(True):
+        _, P = F.scaled_dot_product_attention(*(mt.tensor(a, dtype=dtype, device="cuda") for a in (q, k, v)),
+                                              None if mask is None else mt.tensor(mask, device="cuda"))
+    with fused(False):
+        _, P_ref = F.scaled_dot_product_attention(*(mt.tensor(a, dtype=dtype, device="cuda") for a in (q, k, v)),
+                                                  None if mask is None else mt.tensor(mask, device="cuda"))
+    np.testing.assert_allclose(P.numpy(), P_ref.numpy(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4, 33), (2, 1, 2, 3, 2000)])
+def test_softmax_matches_the_array_version(rng, dtype, shape):
+    assert_same(run_both(lambda x: F.softmax(x * 3.0), [rng.standard_normal(shape)], dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(4, 1), (3, 7), (2, 5, 64), (9, 512), (3, 1000), (2, 2048)])
+@pytest.mark.parametrize("affine", ["both", "weight", "none"])
+def test_layer_norm_matches_the_array_version(rng, dtype, shape, affine):
+    d = shape[-1]
+    x = rng.standard_normal(shape) * 3 + 1
+    w, b = rng.standard_normal(d), rng.standard_normal(d)
+    if affine == "both":
+        results = run_both(lambda x, w, b: F.layer_norm(x, w, b), [x, w, b], dtype)
+    elif affine == "weight":
+        results = run_both(lambda x, w: F.layer_norm(x, w, None), [x, w], dtype)
+    else:
+        results = run_both(lambda x: F.layer_norm(x, None, None), [x], dtype)
+    assert_same(results, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("N, C", [(5, 3), (64, 37000), (7, 1500), (300, 8000)])
+@pytest.mark.parametrize("label_smoothing, ignore", [(0.0, None), (0.1, 0), (0.1, None)])
+def test_cross_entropy_matches_the_array_version(rng, dtype, N, C, label_smoothing, ignore):
+    logits = rng.standard_normal((N, C)) * 4
+    target = rng.integers(0, C, size=N)
+    if ignore is not None:
+        target[rng.random(N) < 0.3] = ignore
+    results = run_both(lambda z: F.cross_entropy(z, target, ignore_index=ignore, label_smoothing=label_smoothing) * 3.0,
+                       [logits], dtype)   # * 3: an upstream gradient other than 1
+    assert_same(results, dtype)
+
+
+def test_cross_entropy_with_every_target_ignored_is_zero_on_the_gpu():
+    logits = mt.tensor(np.random.default_rng(0).standard_normal((4, 6)), device="cuda", requires_grad=True)
+    with fused(True):
+        loss = F.cross_entropy(logits, [0, 0, 0, 0], ignore_index=0)
+        loss.backward()
+    assert loss.item() == 0.0
+    assert not np.any(backend.to_numpy(logits.grad))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_dropout_multiplies_by_the_mask_it_drew_and_reuses_it_in_the_backward(rng, dtype):
+    x = rng.standard_normal((64, 257))
+    g = rng.standard_normal((64, 257))
+    p = 0.3
+    with fused(True):
+        state = backend.random_state()
+        t = mt.tensor(x, dtype=dtype, device="cuda", requires_grad=True)
+        y = F.dropout(t, p)
+        y.backward(mt.tensor(g, dtype=dtype, device="cuda"))
+    m = backend.to_numpy(kernels.dropout_mask(x.shape, np.dtype(dtype), p, state["seed"], state["counter"]))
+    assert set(np.unique(m)) <= {0.0, np.dtype(dtype).type(1 / (1 - p))}
+    assert abs((m == 0).mean() - p) < 0.02                       # 16k draws: 5 standard deviations
+    np.testing.assert_array_equal(y.numpy(), (x.astype(dtype) * m))
+    np.testing.assert_array_equal(backend.to_numpy(t.grad), g.astype(dtype) * m)
+
+
+def test_dropout_streams_are_reproducible_and_restored_from_random_state():
+    x = mt.tensor(np.ones((1000,)), device="cuda")
+    with fused(True):
+        mt.manual_seed(3)
+        first = [F.dropout(x, 0.5).numpy() for _ in range(2)]
+        assert not np.array_equal(first[0], first[1])             # consecutive calls draw new masks
+        mt.manual_seed(3)
+        again = F.dropout(x, 0.5).numpy()
+        state = backend.random_state()                            # as a checkpoint would keep it
+        after = F.dropout(x, 0.5).numpy()
+        mt.manual_seed(99)
+        backend.set_random_state(state)                           # as a resume would restore it
+        resumed = F.dropout(x, 0.5).numpy()
+    np.testing.assert_array_equal(again, first[0])
+    np.testing.assert_array_equal(resumed, after)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_embedding_backward_matches_the_array_version_with_repeated_ids(rng, dtype):
+    W = rng.standard_normal((50, 24))
+    ids = rng.integers(0, 50, size=(8, 30))
+    ids[:, :5] = 7                                     # a row used 40 times
+    assert_same(run_both(lambda w: F.embedding(ids, w), [W], dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adam_in_one_launch_equals_the_array_version(rng, dtype):
+    shapes = [(300, 257), (65536 + 3,), (5,), (1,), (40, 40)]       # one spans two chunks
+    start = [rng.standard_normal(s) for s in shapes]
+    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(4)]
+    finals = []
+    for enabled in (False, True):
+        with fused(enabled):
+            params = [mt.nn.Parameter(mt.tensor(a, dtype=dtype, device="cuda").data) for a in start]
+            opt = Adam(params, lr=1e-2)
+            for step_grads in grads:
+                for i, (p, g) in enumerate(zip(params, step_grads)):
+                    p.grad = None if i == 3 else backend.to_device(g.astype(dtype), "cuda")   # one without grad
+                opt.step()
+            finals.append([p.numpy() for p in params] + [backend.to_numpy(m) for m in opt.m + opt.v])
+    for a, b in zip(*finals):
+        np.testing.assert_allclose(b, a, rtol=1e-6 if dtype == "float32" else 1e-14, atol=0)
+    np.testing.assert_array_equal(finals[1][3], start[3].astype(dtype))   # no grad: untouched
+
+
+def test_a_whole_transformer_gives_the_same_logits_and_gradients_with_and_without_fused_kernels(rng):
+    src = rng.integers(4, 40, size=(3, 9))
+    tgt = rng.integers(4, 40, size=(3, 7))
+    src[0, 6:] = 0
+    tgt[1, 5:] = 0
+    out = []
+    for enabled in (False, True):
+        with fused(enabled):
+            mt.manual_seed(1)
+            model = mt.nn.Transformer(vocab_size=40, d_model=32, num_heads=4, num_layers=2, d_ff=64,
+                                      dropout=0.0).to("cuda")
+            logits = model(src, tgt)
+            F.cross_entropy(logits.reshape(-1, 40), tgt.reshape(-1), ignore_index=0, label_smoothing=0.1).backward()
+            out.append((logits.numpy(), {n: backend.to_numpy(p.grad) for n, p in model.named_parameters()}))
+    np.testing.assert_allclose(out[1][0], out[0][0], rtol=1e-4, atol=1e-5)
+    for name, g in out[0][1].items():
+        np.testing.assert_allclose(out[1][1][name], g, rtol=1e-3, atol=1e-5, err_msg=name)
+
+
+def test_a_training_step_never_waits_for_the_gpu():
+    """No host↔device synchronisation inside ``train_step``: CuPy raises if anything in it syncs."""
+    import cupyx
+    from minitransformer.data import collate
+    from minitransformer.optim import NoamSchedule
+    from minitransformer.train import train_step
+    mt.manual_seed(0)
+    model = mt.nn.Transformer(vocab_size=30, d_model=32, num_heads=4, num_layers=2, d_ff=64, dropout=0.1).to("cuda")
+    opt = Adam(model.parameters(), lr=0.0)
+    schedule = NoamSchedule(opt, 32, warmup_steps=10)
+    batch = collate([[5, 6, 7, 8], [9, 10]], [[8, 7, 6, 5], [10, 9]])
+    train_step(model, opt, schedule, batch)          # first step: kernels compile, buffers appear
+    with cupyx.allow_synchronize(False):
+        for _ in range(3):
+            loss = train_step(model, opt, schedule, batch)
+    assert np.isfinite(float(loss))
+
+
+def test_tf32_is_one_switch_and_off_by_default():
+    cp = backend.cupy()
+    a64 = np.random.default_rng(0).standard_normal((512, 512))
+    ref = a64 @ a64
+    errors = {}
+    for enabled in (False, True):
+        backend.set_tf32(enabled)
+        try:
+            a = cp.asarray(a64, dtype=cp.float32)
+            errors[enabled] = np.linalg.norm(cp.asnumpy(a @ a) - ref) / np.linalg.norm(ref)
+        finally:
+            backend.set_tf32(False)
+    assert errors[False] < 1e-5, errors          # fp32 products
+    assert errors[True] > 3e-5, errors           # TF32's 10-bit mantissa shows
