@@ -38,7 +38,7 @@ class Tensor:
     an intermediate tensor keeps it too once you call ``retain_grad()`` on it before.
     """
 
-    __array_priority__ = 100  # make ndarray + Tensor call Tensor.__radd__
+    __array_priority__ = 1000  # above CuPy's 100 and NumPy's 0: ndarray + Tensor calls Tensor.__radd__
 
     def __init__(self, data, requires_grad=False, dtype=None, device=None):
         if isinstance(data, Tensor):
