@@ -53,20 +53,15 @@ def model_kwargs(c, dropout):
     return dict({k: c[k] for k in keys}, dropout=dropout, max_len=max(512, c["length"] + 1))
 
 
-def time_steps(step, sync, warmup, steps):
-    for _ in range(warmup):
-        step()
+def timed(step, sync, times):
+    t = time.perf_counter()
+    step()
     sync()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    times.append(time.perf_counter() - t)
 
 
-def bench_ours(c, device, args):
+def setup_ours(c, device, args):
+    """(step, sync, peak) for minitransformer; ``peak()`` measures one more step's peak memory."""
     import minitransformer as mt
     from minitransformer.data import Batch
     from minitransformer.optim import Adam, NoamSchedule
@@ -78,16 +73,11 @@ def bench_ours(c, device, args):
     opt = Adam(model.parameters(), lr=0.0)
     schedule = NoamSchedule(opt, c["d_model"], 4000)
     xp = mt.backend.xp_for(device)
-    if device == "cuda":
-        sync = xp.cuda.Device().synchronize
-    else:
-        def sync():
-            pass
+    sync = xp.cuda.Device().synchronize if device == "cuda" else (lambda: None)
 
     def step():
         train_step(model, opt, schedule, batch, 0.1)
-    seconds = time_steps(step, sync, args.warmup, args.steps)
-    return seconds, peak_allocated(xp, step, sync) if device == "cuda" else None
+    return step, sync, (lambda: peak_allocated(xp, step, sync)) if device == "cuda" else (lambda: None)
 
 
 def peak_allocated(cp, step, sync):
@@ -110,7 +100,7 @@ def peak_allocated(cp, step, sync):
     return peak[0] / 2**20
 
 
-def bench_torch(c, device, args):
+def setup_torch(c, device, args):
     import torch
     from torch_twin import TorchTransformer, make_optimizer, train_step
     torch.manual_seed(0)
@@ -126,11 +116,30 @@ def bench_torch(c, device, args):
         counter[0] += 1
         train_step(model, opt, counter[0], src, tgt_in, tgt_out, 0.1)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    if device == "cuda":
+
+    def peak():
+        if device != "cuda":
+            return None
         torch.cuda.reset_peak_memory_stats()
-    seconds = time_steps(step, sync, args.warmup, args.steps)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None   # bytes in use, as ours
-    return seconds, peak
+        step()
+        sync()
+        return torch.cuda.max_memory_allocated() / 2**20     # bytes in use, as ours
+    return step, sync, peak
+
+
+def measure(sides, args):
+    """Warm both up, then alternate ``--rounds`` blocks of ``--steps`` synchronised steps of each side
+    (clock or load drift hits both alike); the median step time of each, and its peak memory."""
+    for step, sync, _ in sides.values():
+        for _ in range(args.warmup):
+            step()
+        sync()
+    times = {name: [] for name in sides}
+    for _ in range(args.rounds):
+        for name, (step, sync, _) in sides.items():
+            for _ in range(args.steps):
+                timed(step, sync, times[name])
+    return {name: (statistics.median(times[name]), sides[name][2]()) for name in sides}
 
 
 def main():
@@ -143,7 +152,8 @@ def main():
                         help="our side without the fused GPU kernels (array formulas only), for comparison")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round and side")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and torch")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
@@ -160,8 +170,8 @@ def main():
     tokens = c["batch"] * c["length"]
     flops = matmul_flops(c)
     result = {"config": args.config, "device": args.device, "tf32": args.tf32, "fused": not args.unfused, **c}
-    for name, bench in (("ours", bench_ours), ("torch", bench_torch)):
-        seconds, peak = bench(c, args.device, args)
+    sides = {"ours": setup_ours(c, args.device, args), "torch": setup_torch(c, args.device, args)}
+    for name, (seconds, peak) in measure(sides, args).items():
         result[name] = {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens / seconds,
                         "tflops": flops / seconds / 1e12, "peak_mib": peak}
     result["ratio_tokens_per_s"] = result["ours"]["tokens_per_s"] / result["torch"]["tokens_per_s"]

@@ -246,3 +246,29 @@ def test_tf32_is_one_switch_and_off_by_default():
             backend.set_tf32(False)
     assert errors[False] < 1e-5, errors          # fp32 products
     assert errors[True] > 3e-5, errors           # TF32's 10-bit mantissa shows
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("a_t, b_t", [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("lead", [(3,), (2, 3)])
+def test_batched_matmul_reads_transposed_operands_in_place(rng, dtype, a_t, b_t, lead):
+    cp = backend.cupy()
+    m, k, n = 5, 7, 3
+    a = cp.asarray(rng.standard_normal((*lead, k, m) if a_t else (*lead, m, k)), dtype=dtype)
+    b = cp.asarray(rng.standard_normal((*lead, n, k) if b_t else (*lead, k, n)), dtype=dtype)
+    a = a.swapaxes(-1, -2) if a_t else a
+    b = b.swapaxes(-1, -2) if b_t else b
+    expected = cp.asnumpy(a).astype(np.float64) @ cp.asnumpy(b).astype(np.float64)
+    np.testing.assert_allclose(cp.asnumpy(kernels.batched_matmul(a, b)), expected, **TOL[dtype])
+
+
+def test_batched_matmul_falls_back_for_broadcast_batches(rng):
+    cp = backend.cupy()
+    a, b = cp.asarray(rng.standard_normal((2, 3, 4, 5))), cp.asarray(rng.standard_normal((1, 3, 5, 2)))
+    np.testing.assert_allclose(cp.asnumpy(kernels.batched_matmul(a, b)), cp.asnumpy(a) @ cp.asnumpy(b), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_relu_and_the_linear_bias_gradient_match_the_array_version(rng, dtype):
+    x, W, b = rng.standard_normal((4, 6, 9)), rng.standard_normal((5, 9)), rng.standard_normal(5)
+    assert_same(run_both(lambda x, W, b: F.relu(F.linear(x, W, b)), [x, W, b], dtype), dtype)

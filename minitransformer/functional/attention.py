@@ -40,22 +40,25 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
     xp = q.xp
     scale = 1.0 / math.sqrt(q.shape[-1])
 
-    scores = q.data @ _t(k.data)                                              # (…, Lq, Lk), unscaled
+    try:
+        scores_shape = (*xp.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2])
+    except ValueError:
+        raise ValueError(f"{op}: batch axes of q {q.shape} and k {k.shape} cannot be broadcast") from None
     if mask is not None:
         mask = as_tensor(mask, q)
         check_same_device(op, q, mask)
         if mask.dtype.kind != "b":
             raise TypeError(f"{op}: mask must be boolean (True = may attend), got {mask.dtype}")
         try:
-            if xp.broadcast_shapes(mask.shape, scores.shape) != scores.shape:
+            if xp.broadcast_shapes(mask.shape, scores_shape) != scores_shape:
                 raise ValueError
         except ValueError:
             raise ValueError(f"{op}: mask of shape {mask.shape} is not broadcastable to the attention "
-                             f"scores' shape (…, Lq, Lk) = {scores.shape}") from None
-    if backend.fused(scores, v.data) and scores.ndim <= 4:
-        return _fused(q, k, v, scores, mask, scale, dropout_p if training else 0.0)
+                             f"scores' shape (…, Lq, Lk) = {scores_shape}") from None
+    if backend.fused(q.data, k.data, v.data) and len(scores_shape) <= 4 and len({q.dtype, k.dtype, v.dtype}) == 1:
+        return _fused(q, k, v, mask, scale, dropout_p if training else 0.0)
 
-    scores = scores * q.dtype.type(scale)
+    scores = (q.data @ _t(k.data)) * q.dtype.type(scale)                     # (…, Lq, Lk)
     if mask is not None:
         scores = xp.where(mask.data, scores, -xp.inf)
     row_max = scores.max(axis=-1, keepdims=True)
@@ -83,24 +86,26 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
     return make_op(out, (q, k, v), backward, op), Tensor(P)
 
 
-def _fused(q, k, v, scores, mask, scale, dropout_p):
+def _fused(q, k, v, mask, scale, dropout_p):
     """The same op on the GPU with fused kernels: one kernel for scale + mask + softmax, one for the
-    softmax backward; the dropout mask is regenerated in the backward from its (seed, offset)."""
-    P = kernels.masked_softmax(scores, mask.data if mask is not None else None, scale)
+    softmax backward; the dropout mask is regenerated in the backward from its (seed, offset); the
+    products read transposed operands in place (kernels.batched_matmul)."""
+    mm = kernels.batched_matmul
+    P = kernels.masked_softmax(mm(q.data, _t(k.data)), mask.data if mask is not None else None, scale)
     if dropout_p > 0:
         seed, offset = backend.counter_stream(P.size)
         P_tilde = kernels.dropout_apply(P, dropout_p, seed, offset)
     else:
         P_tilde = P
-    out = P_tilde @ v.data
+    out = mm(P_tilde, v.data)
 
     def backward(dO):
-        dV = unbroadcast(_t(P_tilde) @ dO, v.shape) if v.requires_grad else None
-        dP = dO @ _t(v.data)
+        dV = unbroadcast(mm(_t(P_tilde), dO), v.shape) if v.requires_grad else None
+        dP = mm(dO, _t(v.data))
         if dropout_p > 0:
             dP = kernels.dropout_apply(dP, dropout_p, seed, offset)
         dS = kernels.softmax_backward(P, dP, scale)
-        dQ = unbroadcast(dS @ k.data, q.shape) if q.requires_grad else None
-        dK = unbroadcast(_t(dS) @ q.data, k.shape) if k.requires_grad else None
+        dQ = unbroadcast(mm(dS, k.data), q.shape) if q.requires_grad else None
+        dK = unbroadcast(mm(_t(dS), q.data), k.shape) if k.requires_grad else None
         return dQ, dK, dV
     return make_op(out, (q, k, v), backward, "scaled_dot_product_attention"), Tensor(P)

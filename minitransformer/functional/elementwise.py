@@ -5,6 +5,7 @@ summed back to its own shape (``unbroadcast``). Derivations: docs/backward.md#el
 """
 from numbers import Number
 
+from .. import backend, kernels
 from ..tensor import Tensor, as_tensor, check_same_device, make_op, unbroadcast
 
 
@@ -104,6 +105,9 @@ def tanh(x):
 def relu(x):
     """``y = max(0, x)`` (§3.3); backward: ``dx = g * [x > 0]``."""
     x = as_tensor(x)
+    if backend.fused(x.data):   # one pass each way; keeps y (the next layer's input anyway), no mask
+        y = kernels.relu(x.data)
+        return make_op(y, (x,), lambda g: (kernels.relu_backward(y, g),), "relu")
     positive = x.data > 0
     return make_op(x.data * positive, (x,), lambda g: (g * positive,), "relu")
 

@@ -3,6 +3,7 @@
 For ``y = a @ b``: ``da = g @ bᵀ`` and ``db = aᵀ @ g`` (summed over broadcast batch axes).
 docs/backward.md#matmul.
 """
+from .. import backend, kernels
 from ..tensor import as_tensor, check_same_device, make_op, unbroadcast
 
 
@@ -68,5 +69,7 @@ def linear(x, weight, bias=None):
         dw = (g2.T @ x2) if weight.requires_grad else None
         if bias is None:
             return dx, dw
-        return dx, dw, (g2.sum(axis=0) if parents[2].requires_grad else None)
+        if not parents[2].requires_grad:
+            return dx, dw, None
+        return dx, dw, kernels.column_sum(g2) if backend.fused(g2) else g2.sum(axis=0)
     return make_op(y, parents, backward, "linear")

@@ -192,6 +192,85 @@ def cross_entropy_backward(logits, target, lse, row_scale, label_smoothing):
     return dlogits
 
 
+# ---- batched matrix products with transposed operands (attention, §3.2.1) ---------------------------
+
+_GEMM = {np.dtype(np.float32): (0, 68, 77), np.dtype(np.float64): (1, 70, 70)}   # CUDA_R_*, compute, TF32 compute
+
+
+def _operand(a):
+    """``(array, transposed)``: a C-contiguous array, or the C-contiguous array whose last two axes
+    ``a`` swaps (a transposed view, which cuBLAS reads in place instead of CuPy copying it)."""
+    if a.flags.c_contiguous:
+        return a, False
+    swapped = a.swapaxes(-1, -2)
+    if swapped.flags.c_contiguous:
+        return swapped, True
+    return _contiguous(a), False
+
+
+def batched_matmul(a, b):
+    """``a @ b`` for ``(…, m, k) @ (…, k, n)`` with the same batch axes, either operand possibly a
+    transposed view (``x.swapaxes(-1, -2)``): one cuBLAS strided-batched GEMM, no copy. Anything
+    else (broadcast batch axes, other dtypes) goes to ``a @ b``."""
+    cp = backend.cupy()
+    if (a.ndim < 3 or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype or a.dtype not in _GEMM
+            or a.shape[-1] != b.shape[-2] or 0 in a.shape or 0 in b.shape):
+        return a @ b
+    from cupy_backends.cuda.libs import cublas
+    *lead, m, k = a.shape
+    n = b.shape[-1]
+    batch = int(np.prod(lead))
+    A, a_t = _operand(a)
+    B, b_t = _operand(b)
+    C = cp.empty((*lead, m, n), dtype=a.dtype)
+    # Row-major C = A B is column-major Cᵀ = Bᵀ Aᵀ: B's memory goes first.
+    dtype_id, compute, compute_tf32 = _GEMM[a.dtype]
+    scalar = np.float32 if a.dtype == np.float32 else np.float64
+    one, zero = np.ones(1, dtype=scalar), np.zeros(1, dtype=scalar)
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    cublas.gemmStridedBatchedEx(
+        handle, 1 if b_t else 0, 1 if a_t else 0, n, m, k,
+        one.ctypes.data, B.data.ptr, dtype_id, k if b_t else n, k * n,
+        A.data.ptr, dtype_id, m if a_t else k, m * k,
+        zero.ctypes.data, C.data.ptr, dtype_id, n, m * n, batch,
+        compute_tf32 if backend.tf32_enabled() else compute, -1)
+    return C
+
+
+# ---- ReLU (§3.3) and the bias gradient of a linear layer -------------------------------------------
+
+def relu(x):
+    """``y = max(0, x)`` in one pass (the array version also builds a boolean mask)."""
+    cp = backend.cupy()
+    x = _contiguous(x)
+    y = cp.empty_like(x)
+    if x.size:
+        _kernel("relu_fwd", x.dtype)((_grid(x.size),), (_THREADS,), (x, y, np.int64(x.size)))
+    return y
+
+
+def relu_backward(y, g):
+    """``dx = g * [y > 0]``."""
+    cp = backend.cupy()
+    y, g = _contiguous(y), _contiguous(g)
+    dx = cp.empty_like(g)
+    if g.size:
+        _kernel("relu_bwd", g.dtype)((_grid(g.size),), (_THREADS,), (y, g, dx, np.int64(g.size)))
+    return dx
+
+
+@functools.lru_cache(maxsize=32)
+def _ones(n, dtype):
+    return backend.cupy().ones(n, dtype=dtype)
+
+
+def column_sum(g):
+    """``Σ_rows g`` of a 2-D array as the product ``1ᵀ g`` (cuBLAS GEMV): 4–6× faster on the GPU than
+    a column reduction (measured on an H200: 0.022 vs 0.088 ms for 8192 × 512)."""
+    return _ones(g.shape[0], g.dtype.str) @ g
+
+
 # ---- embedding (§3.4) -----------------------------------------------------------------------------------
 
 def embedding_backward(ids, g, num_embeddings):

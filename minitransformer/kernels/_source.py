@@ -207,6 +207,18 @@ __global__ void cross_entropy_bwd(const T* __restrict__ logits, const long long*
     }
 }
 
+// ReLU (§3.3): y = max(0, x); backward dx = g * [y > 0] (y > 0 exactly where x > 0).
+template<typename T>
+__global__ void relu_fwd(const T* __restrict__ x, T* __restrict__ y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        y[i] = x[i] > T(0) ? x[i] : T(0);
+}
+template<typename T>
+__global__ void relu_bwd(const T* __restrict__ y, const T* __restrict__ g, T* __restrict__ dx, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        dx[i] = y[i] > T(0) ? g[i] : T(0);
+}
+
 // dW[ids[r], :] += g[r, :], repeated ids accumulate (atomics).
 template<typename T>
 __global__ void embedding_bwd(const long long* __restrict__ ids, const T* __restrict__ g, long long n, int d,
@@ -242,4 +254,4 @@ __global__ void adam_step(const unsigned long long* __restrict__ ptrs, const lon
 """
 
 NAMES = ("masked_softmax_fwd", "softmax_bwd", "dropout_apply", "layer_norm_fwd", "layer_norm_bwd_dx",
-         "layer_norm_bwd_dwdb", "cross_entropy_fwd", "cross_entropy_bwd", "embedding_bwd", "adam_step")
+         "layer_norm_bwd_dwdb", "cross_entropy_fwd", "cross_entropy_bwd", "relu_fwd", "relu_bwd", "embedding_bwd", "adam_step")
