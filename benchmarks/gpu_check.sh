@@ -6,7 +6,8 @@
 #      with its PyTorch twin (benchmarks/train_translator_torch.py) trained for the same steps, both
 #      scored by the same decoder (BLEU, chrF).
 # Logs go to $OUT (default ./gpu-check). The corpus comes from $MINITRANSFORMER_CACHE (no network needed
-# when spa.tsv is already there). STEPS (default 1500) sets the length of the training runs.
+# when spa.tsv is already there). STEPS (default 1500) sets the length of the training runs; TRAIN=0
+# leaves them out, EXTRA=1 adds our unfused step and the per-op profile.
 #     bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -24,8 +25,9 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 cat "$OUT/env.txt"
 
 # 1. benchmarks, alone on the GPU
-for args in "--config small" "--config base" "--config small --tf32" "--config base --tf32" \
-            "--config small --unfused" "--config base --unfused"; do
+BENCHES=("--config small" "--config base" "--config small --tf32" "--config base --tf32")
+[ "${EXTRA:-0}" = 1 ] && BENCHES+=("--config small --unfused" "--config base --unfused")
+for args in "${BENCHES[@]}"; do
   stamp "train_step $args"
   timeout 240 $PY benchmarks/train_step.py --device cuda $args --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
     || echo "FAILED: train_step $args" >> "$OUT/bench.err"
@@ -34,14 +36,18 @@ stamp "decode"
 timeout 240 $PY benchmarks/decode.py --device cuda --config small --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
   || echo "FAILED: decode" >> "$OUT/bench.err"
 
-stamp "profile"
-for cfg in small base; do timeout 120 $PY benchmarks/profile_step.py --config $cfg >> "$OUT/profile.txt" 2>&1; done
+if [ "${EXTRA:-0}" = 1 ]; then
+  stamp "profile"
+  for cfg in small base; do timeout 120 $PY benchmarks/profile_step.py --config $cfg --ops >> "$OUT/profile.txt" 2>&1; done
+fi
 
 # 2. the test suite on CuPy next to a training run and its twin
 stamp "tests + training"
 rm -rf runs/gpu runs/gpu-torch
+ours=; twin=
 ( timeout 900 $PY -m pytest -q -rfEs -n 6 -p no:cacheprovider > "$OUT/pytest.txt" 2>&1; echo "pytest exit $?" >> "$OUT/pytest.txt" ) &
 tests=$!
+if [ "${TRAIN:-1}" = 1 ]; then
 ( /usr/bin/time -f "wall %e s" timeout 900 $PY -m minitransformer train --device cuda --preset small --steps "$STEPS" \
     --out runs/gpu --no-progress > "$OUT/train.txt" 2>&1; echo "train exit $?" >> "$OUT/train.txt" ) &
 ours=$!
@@ -51,10 +57,12 @@ for _ in $(seq 300); do [ -f runs/gpu/config.json ] && [ -f runs/gpu/tokenizer.m
   && timeout 600 $PY -m minitransformer evaluate --checkpoint runs/gpu-torch --device cuda --no-progress >> "$OUT/twin.txt" 2>&1
   echo "twin exit $?" >> "$OUT/twin.txt" ) &
 twin=$!
+fi
 wait $ours $twin $tests
 stamp "done"
 
 echo "== benchmarks"; cat "$OUT/bench.jsonl"; tail -5 "$OUT/bench.err" 2>/dev/null
 echo "== tests"; tail -25 "$OUT/pytest.txt"
+[ "${TRAIN:-1}" = 1 ] || exit 0
 echo "== ours"; grep -E "trained|BLEU|chrF|wall|exit|Error|error" "$OUT/train.txt" | tail -8
 echo "== twin"; grep -E "trained|BLEU|chrF|wall|exit|Error|error" "$OUT/twin.txt" | tail -8

@@ -205,6 +205,10 @@ def cmd_train(args):
     device = _device(args.device)
     progress = not args.no_progress
     out = Path(args.out) if args.out else _new_run_dir()
+    if args.tf32:
+        if device != "cuda":
+            raise UserError("--tf32 is a GPU setting (TF32 matmuls on tensor cores): use it with --device cuda")
+        backend.set_tf32(True)
 
     # ---- settings: fresh, or from the run being resumed ----------------------------------------
     if args.resume:
@@ -284,7 +288,7 @@ def cmd_train(args):
     if not args.resume:
         tokenizer.save(out / "tokenizer.model")
         config = {"preset": preset_name, "preset_settings": preset, "model": asdict(model.config),
-                  "data": data_settings, "train": asdict(tcfg), "seed": seed, "device": device,
+                  "data": data_settings, "train": asdict(tcfg), "seed": seed, "device": device, "tf32": args.tf32,
                   "command": " ".join([_PROG, *sys.argv[1:]]), "created": datetime.now().isoformat(timespec="seconds")}
         write_json(out / "config.json", config)
 
@@ -492,6 +496,9 @@ def build_parser():
                    help=f"test sentences for the final BLEU (default {DEFAULT_TEST_LIMIT['cpu']} on cpu, all on "
                         "cuda; 0: all)")
     t.add_argument("--beam", type=_positive_int, default=4, help="beam size of the final BLEU (default 4, §6.1)")
+    t.add_argument("--tf32", action="store_true",
+                   help="TF32 matmuls on the GPU: about 2x faster steps for base, products rounded to a "
+                        "10-bit mantissa (~1e-3 relative); fp32 by default")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 

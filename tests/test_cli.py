@@ -190,6 +190,11 @@ def test_cuda_without_gpu(cli, tmp_path):
     assert_user_error(cli("train", "--data", SAMPLE, *FAST, "--device", "cuda", "--out", tmp_path / "r"), "cuda")
 
 
+def test_tf32_is_refused_on_the_cpu(cli, tmp_path):
+    assert_user_error(cli("train", "--data", SAMPLE, *FAST, "--device", "cpu", "--tf32", "--out", tmp_path / "r"),
+                      "--tf32", "--device cuda")
+
+
 def test_missing_checkpoint_dir(cli, tmp_path):
     for command in (["translate", "Hi."], ["evaluate"], ["attention", "Hi.", "--out", tmp_path / "a.png"]):
         assert_user_error(cli(command[0], "--checkpoint", tmp_path / "nowhere", *command[1:]), "no such run directory")

@@ -43,6 +43,7 @@ TRAIN_SCRIPT = textwrap.dedent("""
     out = Path(args["out"])
     mt.manual_seed(1234)
     model = Transformer(vocab_size=20, d_model=32, num_heads=2, num_layers=2, d_ff=64, dropout=0.1, max_len=32)
+    model.to(args.get("device", "cpu"))
 
     def batches(epoch):
         rng = np.random.default_rng((11, epoch))
@@ -123,6 +124,25 @@ def test_resume_in_a_fresh_process_is_bitwise_the_uninterrupted_run(tmp_path):
     # and training really moved them between step 20 and 40
     assert any(not np.array_equal(params_a[n], params_s[n]) for n in params_s)
     assert len({loss for _, loss in s["losses"]}) > 30
+
+
+@pytest.mark.skipif(not mt.cuda_is_available(), reason="needs a GPU and CuPy")
+def test_resume_on_the_gpu_continues_the_same_run(tmp_path):
+    """The same resume on CuPy: the checkpoint's random state includes the GPU dropout stream's
+    counter, so the resumed run draws the masks the uninterrupted one drew. Equal to float32
+    rounding, not bitwise: the embedding backward adds with atomics, in no fixed order."""
+    first = start(tmp_path, steps=20, out=tmp_path / "first", device="cuda")
+    straight = start(tmp_path, steps=40, out=tmp_path / "straight", device="cuda")
+    finish(first)
+    resumed = start(tmp_path, steps=40, out=tmp_path / "resumed", resume=tmp_path / "first" / "last.npz",
+                    device="cuda")
+    assert "training from step 20" in finish(resumed)
+    finish(straight)
+    r, params_r = result(tmp_path / "resumed")
+    s, params_s = result(tmp_path / "straight")
+    np.testing.assert_allclose([x for _, x in r["losses"]], [x for _, x in s["losses"]], rtol=1e-4)
+    for name in params_s:
+        np.testing.assert_allclose(params_r[name], params_s[name], rtol=1e-3, atol=1e-5, err_msg=name)
 
 
 # ---- (b) Ctrl-C ---------------------------------------------------------------------------------

@@ -228,7 +228,7 @@ def batched_matmul(a, b):
     scalar = np.float32 if a.dtype == np.float32 else np.float64
     one, zero = np.ones(1, dtype=scalar), np.zeros(1, dtype=scalar)
     handle = cp.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
+    cublas.setPointerMode(handle, 0)            # CUBLAS_POINTER_MODE_HOST: alpha and beta below
     cublas.gemmStridedBatchedEx(
         handle, 1 if b_t else 0, 1 if a_t else 0, n, m, k,
         one.ctypes.data, B.data.ptr, dtype_id, k if b_t else n, k * n,
