@@ -43,12 +43,13 @@ def embedding(ids, weight):
     if weight.ndim != 2:
         raise ValueError(f"embedding: weight must be 2-D (num_embeddings, d), got {weight.shape}")
     check_ids("embedding", ids, weight.shape[0])
+    given = ids                     # host ids stay available: the GPU backward sorts them there
     ids = backend.to_device(ids, weight.device)
     d = weight.shape[1]
 
     def backward(g):
         if backend.fused(g):
-            return (kernels.embedding_backward(ids, g, weight.shape[0]),)
+            return (kernels.embedding_backward(given, g, weight.shape[0]),)
         dW = weight.xp.zeros_like(weight.data)
         backend.scatter_add(dW, ids.reshape(-1), g.reshape(-1, d))
         return (dW,)

@@ -274,15 +274,22 @@ def column_sum(g):
 # ---- embedding (§3.4) -----------------------------------------------------------------------------------
 
 def embedding_backward(ids, g, num_embeddings):
-    """``dW[v] = Σ_{i: ids[i] = v} g[i]`` by atomic adds (repeated ids accumulate)."""
+    """``dW[v] = Σ_{i: ids[i] = v} g[i]``, summed in order of position (deterministic, no atomics).
+
+    ``ids`` may be a host array (the usual case: batches are made on the host), whose sort order is
+    then found on the host; device ids are sorted on the device."""
     cp = backend.cupy()
     g = _contiguous(g)
     d = g.shape[-1]
-    ids = _contiguous(ids.reshape(-1).astype(cp.int64, copy=False))
+    flat = ids.reshape(-1)
+    xp = backend.get_array_module(flat)
+    order = xp.argsort(flat, kind="stable") if xp is np else cp.argsort(flat)
+    sorted_ids = cp.asarray(flat[order].astype(np.int64))
+    order = cp.asarray(order.astype(np.int64))
     dW = cp.zeros((num_embeddings, d), dtype=g.dtype)
-    if ids.size and d:
-        _kernel("embedding_bwd", g.dtype)((_grid(ids.size * d),), (_THREADS,),
-                                          (ids, g, np.int64(ids.size), np.int32(d), dW))
+    if flat.size and d:
+        _kernel("embedding_bwd", g.dtype)((int(flat.size), (d + 127) // 128), (128,),
+                                          (sorted_ids, order, g, np.int64(flat.size), np.int32(d), dW))
     return dW
 
 

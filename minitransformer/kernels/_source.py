@@ -219,13 +219,20 @@ __global__ void relu_bwd(const T* __restrict__ y, const T* __restrict__ g, T* __
         dx[i] = y[i] > T(0) ? g[i] : T(0);
 }
 
-// dW[ids[r], :] += g[r, :], repeated ids accumulate (atomics).
+// dW[v, :] = sum of g[i, :] over the positions i with ids[i] == v, in increasing i: deterministic
+// (no atomics). The positions come sorted by id (order, sorted_ids); the thread at the first position
+// of each id sums that id's run; every other thread returns at once.
 template<typename T>
-__global__ void embedding_bwd(const long long* __restrict__ ids, const T* __restrict__ g, long long n, int d,
-                              T* __restrict__ dW) {
-    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n * d;
-         i += (long long)gridDim.x * blockDim.x)
-        atomicAdd(dW + ids[i / d] * d + i % d, g[i]);
+__global__ void embedding_bwd(const long long* __restrict__ sorted_ids, const long long* __restrict__ order,
+                              const T* __restrict__ g, long long n, int d, T* __restrict__ dW) {
+    const long long p = blockIdx.x;
+    const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    const long long id = sorted_ids[p];
+    if (p > 0 && sorted_ids[p - 1] == id) return;
+    T acc = 0;
+    for (long long q = p; q < n && sorted_ids[q] == id; ++q) acc += g[order[q] * d + j];
+    dW[id * d + j] = acc;
 }
 
 // Adam over many tensors in one launch: block b updates chunk b of tensor chunk_tensor[b];
