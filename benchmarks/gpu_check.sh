@@ -6,7 +6,8 @@
 #      with its PyTorch twin (benchmarks/train_translator_torch.py) trained for the same steps, both
 #      scored by the same decoder (BLEU, chrF).
 # Logs go to $OUT (default ./gpu-check). The corpus comes from $MINITRANSFORMER_CACHE (no network needed
-# when spa.tsv is already there). STEPS (default 1500) sets the length of the training runs; TRAIN=0
+# when spa.tsv is already there). STEPS (default 1500) sets the length of the training runs, SEEDS
+# (default "0") how many pairs of runs (e.g. SEEDS="0 1 2": three, side by side on one GPU); TRAIN=0
 # leaves them out, EXTRA=1 adds our unfused step and the per-op profile.
 #     bash benchmarks/gpu_check.sh
 set -u
@@ -24,45 +25,77 @@ stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+DEVICE=${DEVICE:-cuda}     # DEVICE=cpu BENCH=0 TESTS=0 checks this script's plumbing on a laptop
+
 # 1. benchmarks, alone on the GPU
-BENCHES=("--config small" "--config base" "--config small --tf32" "--config base --tf32")
-[ "${EXTRA:-0}" = 1 ] && BENCHES+=("--config small --unfused" "--config base --unfused")
+BENCHES=()
+[ "${BENCH:-1}" = 1 ] && BENCHES=("--config small" "--config base" "--config small --tf32" "--config base --tf32")
+[ "${BENCH:-1}" = 1 ] && [ "${EXTRA:-0}" = 1 ] && BENCHES+=("--config small --unfused" "--config base --unfused")
 for args in "${BENCHES[@]}"; do
   stamp "train_step $args"
   timeout 240 $PY benchmarks/train_step.py --device cuda $args --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
     || echo "FAILED: train_step $args" >> "$OUT/bench.err"
 done
-stamp "decode"
-timeout 240 $PY benchmarks/decode.py --device cuda --config small --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
-  || echo "FAILED: decode" >> "$OUT/bench.err"
+if [ "${BENCH:-1}" = 1 ]; then
+  stamp "decode"
+  timeout 240 $PY benchmarks/decode.py --device cuda --config small --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
+    || echo "FAILED: decode" >> "$OUT/bench.err"
+fi
 
 if [ "${EXTRA:-0}" = 1 ]; then
   stamp "profile"
   for cfg in small base; do timeout 120 $PY benchmarks/profile_step.py --config $cfg --ops >> "$OUT/profile.txt" 2>&1; done
 fi
 
-# 2. the test suite on CuPy next to a training run and its twin
+# 2. the test suite on CuPy next to training runs (one per seed in SEEDS) and their twins
 stamp "tests + training"
-rm -rf runs/gpu runs/gpu-torch
-ours=; twin=
-( timeout 900 $PY -m pytest -q -rfEs -n 6 -p no:cacheprovider > "$OUT/pytest.txt" 2>&1; echo "pytest exit $?" >> "$OUT/pytest.txt" ) &
-tests=$!
-if [ "${TRAIN:-1}" = 1 ]; then
-( /usr/bin/time -f "wall %e s" timeout 900 $PY -m minitransformer train --device cuda --preset small --steps "$STEPS" \
-    --out runs/gpu --no-progress > "$OUT/train.txt" 2>&1; echo "train exit $?" >> "$OUT/train.txt" ) &
-ours=$!
-for _ in $(seq 300); do [ -f runs/gpu/config.json ] && [ -f runs/gpu/tokenizer.model ] && break; sleep 1; done
-( /usr/bin/time -f "wall %e s" timeout 900 $PY benchmarks/train_translator_torch.py --run runs/gpu --out runs/gpu-torch \
-    --device cuda --steps "$STEPS" > "$OUT/twin.txt" 2>&1 \
-  && timeout 600 $PY -m minitransformer evaluate --checkpoint runs/gpu-torch --device cuda --no-progress >> "$OUT/twin.txt" 2>&1
-  echo "twin exit $?" >> "$OUT/twin.txt" ) &
-twin=$!
+pids=()
+if [ "${TESTS:-1}" = 1 ]; then
+  ( timeout 900 $PY -m pytest -q -rfEs -n 6 -p no:cacheprovider > "$OUT/pytest.txt" 2>&1; echo "pytest exit $?" >> "$OUT/pytest.txt" ) &
+  pids+=($!)
 fi
-wait $ours $twin $tests
+if [ "${TRAIN:-1}" = 1 ]; then
+  mkdir -p runs
+  for seed in ${SEEDS:-0}; do
+    rm -rf "runs/gpu-s$seed" "runs/gpu-torch-s$seed"
+    ( /usr/bin/time -f "wall %e s" timeout 900 $PY -m minitransformer train --device "$DEVICE" --preset small \
+        --steps "$STEPS" --seed "$seed" --out "runs/gpu-s$seed" --no-progress ${TRAIN_ARGS:-} > "runs/train-s$seed.log" 2>&1
+      echo "train exit $?" >> "runs/train-s$seed.log" ) &
+    pids+=($!)
+    for _ in $(seq 600); do   # the twin starts once the run has written its config and tokenizer
+      [ -f "runs/gpu-s$seed/tokenizer.model" ] || ! kill -0 "${pids[-1]}" 2>/dev/null && break; sleep 1
+    done
+    ( /usr/bin/time -f "wall %e s" timeout 900 $PY benchmarks/train_translator_torch.py --run "runs/gpu-s$seed" \
+        --out "runs/gpu-torch-s$seed" --device "$DEVICE" --steps "$STEPS" > "runs/twin-s$seed.log" 2>&1 \
+      && timeout 600 $PY -m minitransformer evaluate --checkpoint "runs/gpu-torch-s$seed" --device "$DEVICE" \
+        --no-progress ${EVAL_ARGS:-} >> "runs/twin-s$seed.log" 2>&1
+      echo "twin exit $?" >> "runs/twin-s$seed.log" ) &
+    pids+=($!)
+  done
+fi
+wait "${pids[@]}"
 stamp "done"
 
-echo "== benchmarks"; cat "$OUT/bench.jsonl"; tail -5 "$OUT/bench.err" 2>/dev/null
-echo "== tests"; tail -25 "$OUT/pytest.txt"
+echo "== benchmarks"; cat "$OUT/bench.jsonl" 2>/dev/null; tail -5 "$OUT/bench.err" 2>/dev/null
+echo "== tests"; tail -25 "$OUT/pytest.txt" 2>/dev/null
 [ "${TRAIN:-1}" = 1 ] || exit 0
-echo "== ours"; grep -E "trained|BLEU|chrF|wall|exit|Error|error" "$OUT/train.txt" | tail -8
-echo "== twin"; grep -E "trained|BLEU|chrF|wall|exit|Error|error" "$OUT/twin.txt" | tail -8
+for seed in ${SEEDS:-0}; do
+  { echo "== seed $seed"; cat "runs/train-s$seed.log"; } >> "$OUT/train.txt"
+  { echo "== seed $seed"; cat "runs/twin-s$seed.log"; } >> "$OUT/twin.txt"
+done
+SEEDS="${SEEDS:-0}" $PY - <<'PY' | tee "$OUT/bleu.txt"
+import json, os, re, statistics
+rows = []
+for seed in os.environ["SEEDS"].split():
+    ours = json.load(open(f"runs/gpu-s{seed}/bleu.json")) if os.path.exists(f"runs/gpu-s{seed}/bleu.json") else {}
+    twin = re.findall(r"^BLEU = ([0-9.]+)", open(f"runs/twin-s{seed}.log").read(), re.M)
+    wall = re.findall(r"^wall ([0-9.]+) s", open(f"runs/train-s{seed}.log").read(), re.M)
+    rows.append((seed, ours.get("bleu"), float(twin[-1]) if twin else None, wall[-1] if wall else "?"))
+    print(f"seed {seed}: ours BLEU {ours.get('bleu')}  chrF {ours.get('chrf')}  (train command {rows[-1][3]} s)  "
+          f"twin BLEU {rows[-1][2]}")
+pairs = [(o, t) for _, o, t, _ in rows if o is not None and t is not None]
+if pairs:
+    diffs = [o - t for o, t in pairs]
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
+    print(f"ours - twin over {len(diffs)} seed(s): mean {statistics.mean(diffs):+.2f} BLEU, sd {sd:.2f}")
+PY
