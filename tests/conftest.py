@@ -1,7 +1,7 @@
 """Shared fixtures: the ``device`` every test runs on, a fresh seed per test, random tensors.
 
 The suite runs on the CPU (NumPy) everywhere and once more on the GPU (CuPy) where one is
-present (it is not collected otherwise, so a CPU-only run shows no skips). Seeds come from the test's id, so a
+present (it is not collected otherwise, so a CPU-only run shows only the three GPU-only tests as skips). Seeds come from the test's id, so a
 failure reproduces; set ``MT_TEST_SEED`` to draw a different (still reproducible) set.
 """
 import os
@@ -16,6 +16,10 @@ BASE_SEED = int(os.environ.get("MT_TEST_SEED", "0"))
 
 
 DEVICES = ["cpu"] + (["cuda"] if mt.cuda_is_available() else [])
+
+# test_kernels.py checks the fused GPU kernels against their array twins: it has nothing to run (and
+# is not collected) without a GPU, like the "cuda" copies of the device-parametrised tests.
+collect_ignore = [] if mt.cuda_is_available() else ["test_kernels.py"]
 
 
 @pytest.fixture(params=DEVICES)

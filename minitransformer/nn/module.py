@@ -100,8 +100,9 @@ class Module:
 
     @property
     def device(self):
-        params = self.parameters()
-        return params[0].device if params else "cpu"
+        for _, p in self.named_parameters():    # the first parameter is enough (asked per forward)
+            return p.device
+        return "cpu"
 
     # ---- state -------------------------------------------------------------------------
     def state_dict(self):
