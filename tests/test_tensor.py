@@ -430,3 +430,14 @@ def test_leaf_grad_owns_its_memory(device, randn):
     grad = x.grad
     assert grad.flags.c_contiguous and grad.base is None
     np.testing.assert_array_equal(mt.backend.to_numpy(grad), np.ones((3, 4)))
+
+
+def test_integer_tensors_mix_with_floats_as_in_pytorch(device):
+    """ids * 0.5 is float32 (the default dtype), not NumPy's float64; int / int is float too."""
+    ids = mt.tensor([1, 2, 3], device=device)
+    x = mt.tensor([0.5, 1.0, 2.0], dtype="float64", device=device)
+    assert (ids * 0.5).dtype == np.float32 and (0.5 * ids).dtype == np.float32
+    assert (ids + x).dtype == np.float64                       # the float operand's dtype
+    assert (ids / 2).dtype == np.float32
+    np.testing.assert_allclose((ids / 2).numpy(), [0.5, 1.0, 1.5])
+    assert (ids + 1).dtype == np.int64                         # integers stay integers

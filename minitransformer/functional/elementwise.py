@@ -13,6 +13,12 @@ def _operands(op, a, b):
     like = a if isinstance(a, Tensor) else b
     a, b = as_tensor(a, like), as_tensor(b, like)
     check_same_device(op, a, b)
+    # An integer (or boolean) operand takes the float operand's dtype, as in PyTorch: ids * 0.5 is
+    # float32 by default, not NumPy's float64. Integer tensors never carry gradients.
+    if a.dtype.kind == "f" and b.dtype.kind in "iub":
+        b = Tensor(b.data.astype(a.dtype))
+    elif b.dtype.kind == "f" and a.dtype.kind in "iub":
+        a = Tensor(a.data.astype(b.dtype))
     try:
         like.xp.broadcast_shapes(a.shape, b.shape)
     except ValueError:
@@ -53,6 +59,9 @@ def mul(a, b):
 def div(a, b):
     """``a / b``; backward: ``da = g / b``, ``db = -g * a / b**2``."""
     a, b = _operands("div", a, b)
+    if a.dtype.kind != "f":     # true division of integers gives the default float dtype (PyTorch's rule)
+        a = Tensor(a.data.astype(backend.get_default_dtype()))
+        b = Tensor(b.data.astype(backend.get_default_dtype()))
 
     def backward(g):
         return (unbroadcast(g / b.data, a.shape) if a.requires_grad else None,
