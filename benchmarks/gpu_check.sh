@@ -33,7 +33,7 @@ BENCHES=()
 [ "${BENCH:-1}" = 1 ] && [ "${EXTRA:-0}" = 1 ] && BENCHES+=("--config small --unfused" "--config base --unfused")
 for args in "${BENCHES[@]}"; do
   stamp "train_step $args"
-  timeout 240 $PY benchmarks/train_step.py --device cuda $args --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
+  timeout 240 $PY benchmarks/train_step.py --device cuda $args --rounds 5 --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
     || echo "FAILED: train_step $args" >> "$OUT/bench.err"
 done
 if [ "${BENCH:-1}" = 1 ]; then
