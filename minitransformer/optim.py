@@ -73,6 +73,9 @@ class Adam(Optimizer):
 
     ``m = β1 m + (1-β1) g``, ``v = β2 v + (1-β2) g²``,
     ``p -= lr / (1-β1^t) · m / (√v / √(1-β2^t) + ε)``.
+
+    On the GPU every parameter is updated by one kernel launch (``kernels.adam_step``) doing this
+    arithmetic in the same order; elsewhere, array expressions per parameter.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.98), eps=1e-9):
