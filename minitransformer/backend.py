@@ -164,8 +164,9 @@ def tf32_enabled():
 
 
 def set_tf32(enabled):
-    """The one switch for TF32 matmuls on the GPU (tensor cores, 10-bit mantissa products, about
-    8× the fp32 rate on an H100): off by default, because results then differ from fp32 at ~1e-3.
+    """The one switch for TF32 matmuls on the GPU (tensor cores, inputs rounded to a 10-bit mantissa,
+    about 8× the fp32 matmul rate on an H100): off by default, because
+    results then no longer match fp32 to rounding.
     Sets ``CUPY_TF32`` (read by CuPy at its first matmul) and, if CuPy already ran one, its
     compute type for float32."""
     os.environ["CUPY_TF32"] = "1" if enabled else "0"
