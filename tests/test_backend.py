@@ -85,3 +85,33 @@ def test_tf32_is_opt_in(monkeypatch):
     assert backend.tf32_enabled() is False
     monkeypatch.setenv("CUPY_TF32", "1")
     assert backend.tf32_enabled() is True
+
+
+def test_set_tf32_is_the_one_switch(monkeypatch):
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    try:
+        backend.set_tf32(True)
+        assert backend.tf32_enabled() is True
+        backend.set_tf32(False)
+        assert backend.tf32_enabled() is False
+    finally:
+        backend.set_tf32(False)
+
+
+def test_random_state_round_trips_through_json_and_reads_old_checkpoints():
+    import json
+    backend.manual_seed(5)
+    backend.generator("cpu").random(3)
+    backend.counter_stream(1000)                      # as GPU dropout would have drawn
+    state = json.loads(json.dumps(backend.random_state()))
+    expected = (backend.generator("cpu").random(4), backend.counter_stream(10))
+    backend.manual_seed(99)
+    backend.set_random_state(state)
+    assert np.array_equal(backend.generator("cpu").random(4), expected[0])
+    assert backend.counter_stream(10) == expected[1] == (5, 1000)
+    backend.manual_seed(5)                            # a checkpoint from before the GPU counter:
+    backend.generator("cpu").random(3)                # only the CPU generator's state
+    old = json.loads(json.dumps(state["cpu"]))
+    backend.manual_seed(99)
+    backend.set_random_state(old)
+    assert np.array_equal(backend.generator("cpu").random(4), expected[0])
