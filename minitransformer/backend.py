@@ -164,9 +164,9 @@ def tf32_enabled():
 
 
 def set_tf32(enabled):
-    """The one switch for TF32 matmuls on the GPU (tensor cores, inputs rounded to a 10-bit mantissa,
-    about 8× the fp32 matmul rate on an H100): off by default, because
-    results then no longer match fp32 to rounding.
+    """The one switch for TF32 matmuls on the GPU (tensor cores, inputs rounded to a 10-bit mantissa;
+    the base model's step ran 2.1× faster with it on an H200, docs/results.md): off by default,
+    because results then no longer match fp32 to rounding.
     Sets ``CUPY_TF32`` (read by CuPy at its first matmul) and, if CuPy already ran one, its
     compute type for float32."""
     os.environ["CUPY_TF32"] = "1" if enabled else "0"

@@ -41,7 +41,7 @@ PRESETS = {
                  vocab_size=16000, max_tokens=12000, warmup_steps=4000),
 }
 # What ``--preset auto`` picks on each device. On a 2-core CPU tiny trains 4–7× more tokens per second
-# than small, which decides a run of minutes. On a GPU small trains ≈1,700 steps/min (H200, 2026-11-26)
+# than small, which decides a run of minutes. On a GPU small trains 1,700–2,100 steps/min (H200, 2026-11-26)
 # and reaches BLEU ≈32 after 1500 of them (docs/results.md); the default 30-minute GPU budget is not
 # measured as a whole.
 AUTO_PRESET = {"cpu": "tiny", "cuda": "small"}
