@@ -9,7 +9,7 @@ import math
 
 from .. import backend, kernels
 from ..tensor import Tensor, as_tensor, check_same_device, make_op, unbroadcast
-from .dropout import check_p, dropout_mask
+from .dropout import apply_dropout, check_p
 
 
 def _t(array):
@@ -66,18 +66,14 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
     e = xp.exp(scores - row_max)
     total = e.sum(axis=-1, keepdims=True)
     P = e / xp.where(total > 0, total, 1)                                     # (…, Lq, Lk)
-    if training and dropout_p > 0:
-        m = dropout_mask(P.shape, dropout_p, P.dtype, q.device)
-        P_tilde = P * m
-    else:
-        m, P_tilde = None, P
+    P_tilde, again = apply_dropout(P, dropout_p) if training and dropout_p > 0 else (P, None)
     out = P_tilde @ v.data
 
     def backward(dO):
         dV = unbroadcast(_t(P_tilde) @ dO, v.shape) if v.requires_grad else None
         dP = dO @ _t(v.data)
-        if m is not None:
-            dP *= m
+        if again is not None:
+            dP = again(dP)
         dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
         dS *= q.dtype.type(scale)
         dQ = unbroadcast(dS @ k.data, q.shape) if q.requires_grad else None
@@ -88,22 +84,17 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
 
 def _fused(q, k, v, mask, scale, dropout_p):
     """The same op on the GPU with fused kernels: one kernel for scale + mask + softmax, one for the
-    softmax backward; the dropout mask is regenerated in the backward from its (seed, offset); the
-    products read transposed operands in place (kernels.batched_matmul)."""
+    softmax backward; dropout as everywhere (``apply_dropout``); the products read transposed operands in place (kernels.batched_matmul)."""
     mm = kernels.batched_matmul
     P = kernels.masked_softmax(mm(q.data, _t(k.data)), mask.data if mask is not None else None, scale)
-    if dropout_p > 0:
-        seed, offset = backend.counter_stream(P.size)
-        P_tilde = kernels.dropout_apply(P, dropout_p, seed, offset)
-    else:
-        P_tilde = P
+    P_tilde, again = apply_dropout(P, dropout_p) if dropout_p > 0 else (P, None)
     out = mm(P_tilde, v.data)
 
     def backward(dO):
         dV = unbroadcast(mm(_t(P_tilde), dO), v.shape) if v.requires_grad else None
         dP = mm(dO, _t(v.data))
-        if dropout_p > 0:
-            dP = kernels.dropout_apply(dP, dropout_p, seed, offset)
+        if again is not None:
+            dP = again(dP)
         dS = kernels.softmax_backward(P, dP, scale)
         dQ = unbroadcast(mm(dS, k.data), q.shape) if q.requires_grad else None
         dK = unbroadcast(mm(_t(dS), q.data), k.shape) if k.requires_grad else None

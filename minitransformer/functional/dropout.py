@@ -17,6 +17,17 @@ def dropout_mask(shape, p, dtype, device):
     return (u >= p).astype(dtype) * dtype.type(1.0 / (1.0 - p))
 
 
+def apply_dropout(x, p):
+    """``(x * m, again)`` for an array ``x``: ``again(g) = g * m`` reapplies the same mask in the
+    backward. The one place that draws masks (F.dropout and attention both use it): on the GPU the
+    fused kernel regenerates ``m`` from its (seed, offset) instead of keeping it."""
+    if backend.fused(x):
+        seed, offset = backend.counter_stream(x.size)
+        return kernels.dropout_apply(x, p, seed, offset), lambda g: kernels.dropout_apply(g, p, seed, offset)
+    mask = dropout_mask(x.shape, p, x.dtype, backend.device_of(x))
+    return x * mask, lambda g: g * mask
+
+
 def check_p(op, p):
     if not 0.0 <= p < 1.0:
         raise ValueError(f"{op}: dropout probability must be in [0, 1), got {p}")
@@ -27,9 +38,5 @@ def dropout(x, p, training=True):
     check_p("dropout", p)
     if not training or p == 0.0:
         return x
-    if backend.fused(x.data):   # the mask is regenerated from (seed, offset), never stored
-        seed, offset = backend.counter_stream(x.size)
-        return make_op(kernels.dropout_apply(x.data, p, seed, offset), (x,),
-                       lambda g: (kernels.dropout_apply(g, p, seed, offset),), "dropout")
-    mask = dropout_mask(x.shape, p, x.dtype, x.device)
-    return make_op(x.data * mask, (x,), lambda g: (g * mask,), "dropout")
+    y, again = apply_dropout(x.data, p)
+    return make_op(y, (x,), lambda g: (again(g),), "dropout")
