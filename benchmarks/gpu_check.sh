@@ -8,7 +8,9 @@
 # Logs go to $OUT (default ./gpu-check). The corpus comes from $MINITRANSFORMER_CACHE (no network needed
 # when spa.tsv is already there). STEPS (default 1500) sets the length of the training runs, SEEDS
 # (default "0") how many pairs of runs (e.g. SEEDS="0 1 2": three, side by side on one GPU); TRAIN=0
-# leaves them out, EXTRA=1 adds our unfused step and the per-op profile.
+# leaves them out, TWIN=0 leaves out the twins, TRAIN_ARGS adds options to our runs (e.g. --cuda-graph),
+# EXTRA=1 adds our unfused step and the per-op profile. The step benchmarks time our step eagerly and
+# replayed as a CUDA graph (--cuda-graph: a third side).
 #     bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -29,7 +31,8 @@ DEVICE=${DEVICE:-cuda}     # DEVICE=cpu BENCH=0 TESTS=0 checks this script's plu
 
 # 1. benchmarks, alone on the GPU
 BENCHES=()
-[ "${BENCH:-1}" = 1 ] && BENCHES=("--config small" "--config base" "--config small --tf32" "--config base --tf32")
+[ "${BENCH:-1}" = 1 ] && BENCHES=("--config small --cuda-graph" "--config base --cuda-graph"
+                                  "--config small --tf32 --cuda-graph" "--config base --tf32 --cuda-graph")
 [ "${BENCH:-1}" = 1 ] && [ "${EXTRA:-0}" = 1 ] && BENCHES+=("--config small --unfused" "--config base --unfused")
 for args in "${BENCHES[@]}"; do
   stamp "train_step $args"
@@ -65,6 +68,7 @@ if [ "${TRAIN:-1}" = 1 ]; then
     for _ in $(seq 600); do   # the twin starts once the run has written its config and tokenizer
       [ -f "runs/gpu-s$seed/tokenizer.model" ] || ! kill -0 "${pids[-1]}" 2>/dev/null && break; sleep 1
     done
+    [ "${TWIN:-1}" = 1 ] || continue
     ( /usr/bin/time -f "wall %e s" timeout 900 $PY benchmarks/train_translator_torch.py --run "runs/gpu-s$seed" \
         --out "runs/gpu-torch-s$seed" --device "$DEVICE" --steps "$STEPS" > "runs/twin-s$seed.log" 2>&1 \
       && timeout 600 $PY -m minitransformer evaluate --checkpoint "runs/gpu-torch-s$seed" --device "$DEVICE" \
@@ -76,19 +80,32 @@ fi
 wait "${pids[@]}"
 stamp "done"
 
-echo "== benchmarks"; cat "$OUT/bench.jsonl" 2>/dev/null; tail -5 "$OUT/bench.err" 2>/dev/null
+echo "== benchmarks (full JSON in $OUT/bench.jsonl)"; tail -5 "$OUT/bench.err" 2>/dev/null
+[ -f "$OUT/bench.jsonl" ] && $PY - "$OUT/bench.jsonl" <<'PY'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if "config" not in r or "ours" not in r:
+        print(line.strip()[:300]); continue
+    ms = "  ".join(f"{k} {r[k]['ms_per_step']:.2f} ms" for k in ("ours", "ours_graph", "torch") if k in r)
+    peaks = "/".join(f"{r[k]['peak_mib']:.0f}" for k in ("ours", "ours_graph", "torch") if k in r and r[k]["peak_mib"])
+    print(f"{r['config']:5s} {'tf32' if r['tf32'] else 'fp32'}: {ms}  ratio {r['ratio_tokens_per_s']:.3f}"
+          + (f"  graph ratio {r['ratio_graph_tokens_per_s']:.3f}" if "ratio_graph_tokens_per_s" in r else "")
+          + f"  peak MiB {peaks}" + (f" (ours/torch {r['ratio_peak_memory']:.3f})" if "ratio_peak_memory" in r else ""))
+PY
 echo "== tests"; tail -25 "$OUT/pytest.txt" 2>/dev/null
 [ "${TRAIN:-1}" = 1 ] || exit 0
 for seed in ${SEEDS:-0}; do
   { echo "== seed $seed"; cat "runs/train-s$seed.log"; } >> "$OUT/train.txt"
-  { echo "== seed $seed"; cat "runs/twin-s$seed.log"; } >> "$OUT/twin.txt"
+  [ -f "runs/twin-s$seed.log" ] && { echo "== seed $seed"; cat "runs/twin-s$seed.log"; } >> "$OUT/twin.txt"
 done
 SEEDS="${SEEDS:-0}" $PY - <<'PY' | tee "$OUT/bleu.txt"
 import json, os, re, statistics
 rows = []
 for seed in os.environ["SEEDS"].split():
     ours = json.load(open(f"runs/gpu-s{seed}/bleu.json")) if os.path.exists(f"runs/gpu-s{seed}/bleu.json") else {}
-    twin = re.findall(r"^BLEU = ([0-9.]+)", open(f"runs/twin-s{seed}.log").read(), re.M)
+    twin_log = f"runs/twin-s{seed}.log"
+    twin = re.findall(r"^BLEU = ([0-9.]+)", open(twin_log).read(), re.M) if os.path.exists(twin_log) else []
     wall = re.findall(r"^wall ([0-9.]+) s", open(f"runs/train-s{seed}.log").read(), re.M)
     rows.append((seed, ours.get("bleu"), float(twin[-1]) if twin else None, wall[-1] if wall else "?"))
     print(f"seed {seed}: ours BLEU {ours.get('bleu')}  chrF {ours.get('chrf')}  (train command {rows[-1][3]} s)  "

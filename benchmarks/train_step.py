@@ -75,9 +75,27 @@ def setup_ours(c, device, args):
     xp = mt.backend.xp_for(device)
     sync = xp.cuda.Device().synchronize if device == "cuda" else (lambda: None)
 
+    if args.cuda_graph_side:
+        from minitransformer.cuda_graph import CudaGraphStep
+        graphed = CudaGraphStep(model, opt, schedule, 0.1)
+
+        def graph_peak():
+            """Bytes in use outside the graphs' pool (parameters, Adam's state, inputs) plus everything
+            that pool holds: an upper bound on the replay's peak."""
+            graphed(batch)
+            sync()
+            return (xp.get_default_memory_pool().used_bytes() + graphed.pool.total_bytes()) / 2**20
+        return (lambda: graphed(batch)), sync, graph_peak
+
     def step():
         train_step(model, opt, schedule, batch, 0.1)
-    return step, sync, (lambda: peak_allocated(xp, step, sync)) if device == "cuda" else (lambda: None)
+    if device != "cuda":
+        return step, sync, lambda: None
+    if args.cuda_graph:   # measured now, before the graph side's model shares the pool
+        step()
+        peak = peak_allocated(xp, step, sync)
+        return step, sync, lambda: peak
+    return step, sync, lambda: peak_allocated(xp, step, sync)
 
 
 def peak_allocated(cp, step, sync):
@@ -147,7 +165,8 @@ def main():
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
     parser.add_argument("--tf32", action="store_true", help="TF32 matmuls on both sides (GPU)")
-    parser.add_argument("--cuda-graph", action="store_true", help="capture our step as a CUDA graph")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="also time our step replayed as a CUDA graph (a third side, 'ours_graph')")
     parser.add_argument("--unfused", action="store_true",
                         help="our side without the fused GPU kernels (array formulas only), for comparison")
     parser.add_argument("--dropout", type=float, default=0.1)
@@ -161,8 +180,8 @@ def main():
         os.environ["CUPY_TF32"] = "1"   # read by CuPy when it first runs a matmul
     if args.unfused:
         os.environ["MINITRANSFORMER_FUSED"] = "0"   # read when minitransformer is imported
-    if args.cuda_graph:
-        parser.error("--cuda-graph: capturing the step as a CUDA graph is not implemented yet")
+    if args.cuda_graph and (args.device != "cuda" or args.unfused):
+        parser.error("--cuda-graph needs --device cuda and the fused kernels")
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -170,11 +189,18 @@ def main():
     tokens = c["batch"] * c["length"]
     flops = matmul_flops(c)
     result = {"config": args.config, "device": args.device, "tf32": args.tf32, "fused": not args.unfused, **c}
-    sides = {"ours": setup_ours(c, args.device, args), "torch": setup_torch(c, args.device, args)}
+    args.cuda_graph_side = False
+    sides = {"ours": setup_ours(c, args.device, args)}
+    if args.cuda_graph:
+        args.cuda_graph_side = True
+        sides["ours_graph"] = setup_ours(c, args.device, args)
+    sides["torch"] = setup_torch(c, args.device, args)
     for name, (seconds, peak) in measure(sides, args).items():
         result[name] = {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens / seconds,
                         "tflops": flops / seconds / 1e12, "peak_mib": peak}
     result["ratio_tokens_per_s"] = result["ours"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
+    if args.cuda_graph:
+        result["ratio_graph_tokens_per_s"] = result["ours_graph"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
     if args.device == "cuda":
         result["ratio_peak_memory"] = result["ours"]["peak_mib"] / result["torch"]["peak_mib"]
     if args.json:
@@ -182,12 +208,13 @@ def main():
         return
     print(f"{args.config} on {args.device}{' (TF32)' if args.tf32 else ''}{' (ours unfused)' if args.unfused else ''}: "
           f"batch {c['batch']}×{c['length']}")
-    for name in ("ours", "torch"):
+    for name in sides:
         r = result[name]
         peak = f"{r['peak_mib']:.0f} MiB" if r["peak_mib"] is not None else "n/a"
-        print(f"  {name:6s} {r['ms_per_step']:9.2f} ms/step  {r['tokens_per_s']:10.0f} tok/s  "
+        print(f"  {name:10s} {r['ms_per_step']:9.2f} ms/step  {r['tokens_per_s']:10.0f} tok/s  "
               f"{r['tflops']:7.3f} TFLOP/s  peak {peak}")
     print(f"  ratio ours/torch (tokens/s): {result['ratio_tokens_per_s']:.2f}"
+          + (f"   with the CUDA graph: {result['ratio_graph_tokens_per_s']:.2f}" if args.cuda_graph else "")
           + (f"   peak memory ours/torch: {result['ratio_peak_memory']:.2f}" if "ratio_peak_memory" in result else ""))
 
 

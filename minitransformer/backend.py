@@ -120,6 +120,8 @@ def counter_stream(n):
     global _counter
     offset = _counter
     _counter += int(n)
+    if _capture is not None:      # a captured graph adds the step's start offset at every replay
+        offset -= _capture.counter_start
     return _seed, offset
 
 
@@ -176,6 +178,31 @@ def set_tf32(enabled):
             linalg.set_compute_type(np.float32, linalg.COMPUTE_TYPE_TF32 if enabled else linalg.COMPUTE_TYPE_DEFAULT)
         except (ImportError, AttributeError):   # a CuPy without the hook reads the variable lazily
             pass
+
+
+# ---- CUDA-graph capture (minitransformer.cuda_graph) --------------------------------------------
+
+_capture = None
+
+
+def capturing():
+    """The ``kernels.capture.Capture`` of the step being captured as a CUDA graph, or None (eager)."""
+    return _capture
+
+
+def set_capture(capture):
+    """Enter (a ``Capture``) or leave (None) capture mode; returns the previous one.
+
+    A capture only records: leaving it puts the dropout counter back where it was and notes in
+    ``capture.numbers`` how many numbers one replay draws (each replay then takes its own)."""
+    global _capture, _counter
+    previous, _capture = _capture, capture
+    if capture is not None:
+        capture.counter_start = _counter
+    elif previous is not None:
+        previous.numbers = _counter - previous.counter_start
+        _counter = previous.counter_start
+    return previous
 
 
 # ---- fused GPU kernels (minitransformer/kernels) ----------------------------------------------

@@ -211,6 +211,8 @@ def cmd_train(args):
         if device != "cuda":
             raise UserError("--tf32 is a GPU setting (TF32 matmuls on tensor cores): use it with --device cuda")
         backend.set_tf32(True)
+    if args.cuda_graph and device != "cuda":
+        raise UserError("--cuda-graph is a GPU setting (each step replayed as a CUDA graph): use it with --device cuda")
 
     # ---- settings: fresh, or from the run being resumed ----------------------------------------
     if args.resume:
@@ -225,6 +227,7 @@ def cmd_train(args):
         tcfg = TrainConfig(**{**config["train"], "betas": tuple(config["train"]["betas"])})
         if args.steps is not None or args.minutes is not None:   # a new total budget
             tcfg.steps, tcfg.minutes = args.steps or 0, args.minutes or 0.0
+        tcfg.cuda_graph = tcfg.cuda_graph or args.cuda_graph
         _say(f"resuming {out} from {ckpt.name} on {device}")
         tokenizer = _read_tokenizer(out)
         splits = _splits(data_settings, progress=progress)
@@ -257,7 +260,8 @@ def cmd_train(args):
         backend.manual_seed(seed)
         model = Transformer(tokenizer.vocab_size, d_model=preset["d_model"], num_heads=preset["num_heads"],
                             num_layers=preset["num_layers"], d_ff=preset["d_ff"], dropout=preset["dropout"])
-        tcfg = TrainConfig(warmup_steps=preset["warmup_steps"], steps=args.steps or 0, minutes=args.minutes or 0.0)
+        tcfg = TrainConfig(warmup_steps=preset["warmup_steps"], steps=args.steps or 0, minutes=args.minutes or 0.0,
+                           cuda_graph=args.cuda_graph)
     model.to(device)
 
     for key in ("eval_every", "checkpoint_every"):
@@ -317,6 +321,9 @@ def cmd_train(args):
     _say(f"trained {trainer.step} steps in {_fmt_minutes(trainer.elapsed)} "
          f"({60 * trainer.step / max(trainer.elapsed, 1e-9):.0f} steps/min overall)"
          + (f", final training loss {trainer.losses[-1][1]:.3f}" if trainer.losses else ""))
+    graphs = getattr(trainer.step_function, "captures", None)
+    if graphs is not None:
+        _say(f"CUDA graphs: {graphs} batch shapes captured, {trainer.step_function.replays} steps replayed")
 
     try:
         return _final_evaluation(args, out, device, model, tokenizer, splits, valid_batches, show, trainer, started)
@@ -501,6 +508,9 @@ def build_parser():
     t.add_argument("--tf32", action="store_true",
                    help="TF32 matmuls on the GPU: about 2x faster steps for base (H200), inputs of the products "
                         "rounded to a 10-bit mantissa; fp32 by default")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="GPU: capture the training step once per batch shape (lengths padded to multiples of 8) "
+                        "and replay it as a CUDA graph: one launch instead of hundreds")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=cmd_train)
 

@@ -87,12 +87,17 @@ class Adam(Optimizer):
     def _buffers(self):
         return {"m": self.m, "v": self.v}
 
+    def corrections(self):
+        """``(lr / (1-β1^t), √(1-β2^t))`` for the current ``step_count``: the two numbers of a step that
+        change with ``t`` (a captured CUDA graph gets them from the host before every replay)."""
+        beta1, beta2 = self.betas
+        t = self.step_count
+        return self.lr / (1 - beta1 ** t), math.sqrt(1 - beta2 ** t)
+
     def step(self):
         self.step_count += 1
         beta1, beta2 = self.betas
-        t = self.step_count
-        step_size = self.lr / (1 - beta1 ** t)
-        sqrt_correction2 = math.sqrt(1 - beta2 ** t)
+        step_size, sqrt_correction2 = self.corrections()
         fused = {}   # dtype -> quadruples for the one-launch kernel (GPU)
         for p, m, v in zip(self.params, self.m, self.v):
             if p.grad is None:

@@ -71,6 +71,7 @@ class TrainConfig:
     eval_every: int = 0             # validation every N steps (0: none during the run)
     checkpoint_every: int = 0       # interval checkpoints every N steps (0: only at the end)
     keep_checkpoints: int = 5       # interval checkpoints kept, for averaging (§6.1)
+    cuda_graph: bool = False        # replay each batch shape's step as a CUDA graph (GPU; cuda_graph.py)
 
 
 class Trainer:
@@ -88,6 +89,7 @@ class Trainer:
         self.losses = []            # (step, loss) of every logged step
         self.history = []           # dicts logged at validation
         self.elapsed = 0.0          # training seconds, carried across resumes
+        self.step_function = None   # train_step, or a cuda_graph.CudaGraphStep (set by run)
 
     # ---- checkpoints -------------------------------------------------------------------
     def save(self, path):
@@ -147,12 +149,12 @@ class Trainer:
             stop.append(signum)
         if catch_ctrl_c:
             signal.signal(signal.SIGINT, on_ctrl_c)
+        step = self.step_function = self._step_function()
         try:
             for i, batch in self._stream():
                 if stop or self._finished(started):
                     break
-                loss = train_step(self.model, self.optimizer, self.schedule, batch,
-                                  c.label_smoothing, c.clip_norm)
+                loss = step(batch)
                 self.step, self.batch_in_epoch = self.step + 1, i + 1
                 pending.append(loss)
                 tokens_since += batch.num_tgt_tokens
@@ -185,6 +187,14 @@ class Trainer:
         if pending:
             self.losses.append((self.step, float(pending[-1])))
         return self.losses[-1][1] if self.losses else float("nan")
+
+    def _step_function(self):
+        c = self.config
+        if c.cuda_graph:
+            from .cuda_graph import CudaGraphStep
+            return CudaGraphStep(self.model, self.optimizer, self.schedule, c.label_smoothing, c.clip_norm or None)
+        return lambda batch: train_step(self.model, self.optimizer, self.schedule, batch, c.label_smoothing,
+                                        c.clip_norm)
 
     def _evaluate(self, bar):
         record = {"step": self.step}

@@ -195,6 +195,11 @@ def test_tf32_is_refused_on_the_cpu(cli, tmp_path):
                       "--tf32", "--device cuda")
 
 
+def test_cuda_graph_is_refused_on_the_cpu(cli, tmp_path):
+    assert_user_error(cli("train", "--data", SAMPLE, *FAST, "--device", "cpu", "--cuda-graph", "--out", tmp_path / "r"),
+                      "--cuda-graph", "--device cuda")
+
+
 def test_missing_checkpoint_dir(cli, tmp_path):
     for command in (["translate", "Hi."], ["evaluate"], ["attention", "Hi.", "--out", tmp_path / "a.png"]):
         assert_user_error(cli(command[0], "--checkpoint", tmp_path / "nowhere", *command[1:]), "no such run directory")

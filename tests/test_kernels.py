@@ -282,3 +282,105 @@ def test_batched_matmul_falls_back_for_broadcast_batches(rng):
 def test_relu_and_the_linear_bias_gradient_match_the_array_version(rng, dtype):
     x, W, b = rng.standard_normal((4, 6, 9)), rng.standard_normal((5, 9)), rng.standard_normal(5)
     assert_same(run_both(lambda x, W, b: F.relu(F.linear(x, W, b)), [x, W, b], dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_embedding_backward_from_device_ids_adds_in_the_same_order_as_the_sorted_version(rng, dtype):
+    """The no-sort kernel (device ids, CUDA graphs) gives the sorted kernel's bits: many distinct ids,
+    several 128-position chunks, a width that is not a multiple of 128."""
+    cp = backend.cupy()
+    ids = rng.integers(0, 700, size=(12, 250))
+    ids[:, 3] = 5                                                  # one id in every row
+    g = cp.asarray(rng.standard_normal((ids.size, 200)), dtype=dtype)
+    host = cp.asnumpy(kernels.embedding_backward(ids, g, 700))
+    device = cp.asnumpy(kernels.embedding_backward(cp.asarray(ids), g, 700))
+    np.testing.assert_array_equal(device, host)
+    unused = np.setdiff1d(np.arange(700), ids)
+    assert unused.size and not device[unused].any()
+
+
+# ---- the training step as a CUDA graph (minitransformer/cuda_graph.py) ----------------------------
+
+def _graph_models(dropout, seed=3):
+    from minitransformer.optim import NoamSchedule
+    out = []
+    for _ in range(2):
+        mt.manual_seed(seed)
+        model = mt.nn.Transformer(vocab_size=60, d_model=32, num_heads=4, num_layers=2, d_ff=64,
+                                  dropout=dropout).to("cuda")
+        opt = Adam(model.parameters(), lr=0.0)
+        out.append((model, opt, NoamSchedule(opt, 32, warmup_steps=4, factor=0.1)))
+    return out
+
+
+def _graph_batches(rng, shapes, steps):
+    from minitransformer.data import Batch
+    batches = []
+    for i in range(steps):
+        B, S, T = shapes[i % len(shapes)]
+        src, tgt = rng.integers(4, 60, size=(B, S)), rng.integers(4, 60, size=(B, T + 1))
+        src[0, S - 2:] = 0
+        tgt[-1, T - 3:] = 0
+        batches.append(Batch(src, tgt[:, :-1].copy(), tgt[:, 1:].copy(), np.arange(B)))
+    return batches
+
+
+def test_a_captured_training_step_replays_the_eager_losses_and_weights(rng):
+    """Ten steps over two batch shapes, dropout on: the graph (first step of a shape eager, then
+    replays) gives the eager run's losses and weights to float32 rounding, and leaves the step
+    counters and the dropout stream where the eager run leaves them."""
+    from minitransformer.cuda_graph import CudaGraphStep
+    from minitransformer.train import train_step
+    (m0, o0, s0), (m1, o1, s1) = _graph_models(dropout=0.1)
+    batches = _graph_batches(rng, [(8, 16, 8), (16, 8, 16)], 10)
+    mt.manual_seed(11)
+    eager = [float(train_step(m0, o0, s0, b)) for b in batches]
+    counter = backend.random_state()["counter"]
+    mt.manual_seed(11)
+    graphed = CudaGraphStep(m1, o1, s1, 0.1)
+    losses = [float(graphed(b)) for b in batches]
+    assert (graphed.captures, graphed.replays) == (2, 8)
+    np.testing.assert_allclose(losses, eager, rtol=2e-5)
+    for (name, p0), p1 in zip(m0.named_parameters(), m1.parameters()):
+        if not name.endswith("k_proj.bias"):   # zero gradient in exact arithmetic: Adam steps it by rounding noise
+            np.testing.assert_allclose(p1.numpy(), p0.numpy(), rtol=1e-4, atol=1e-6, err_msg=name)
+    assert (o1.step_count, s1.step_count) == (o0.step_count, s0.step_count) == (10, 10)
+    assert backend.random_state()["counter"] == counter
+
+
+def test_a_captured_step_pads_odd_shapes_without_changing_the_loss(rng):
+    """Lengths and batch rows padded up to multiples of 8 with pad ids (dropout 0): the same losses."""
+    from minitransformer.cuda_graph import CudaGraphStep
+    from minitransformer.train import train_step
+    (m0, o0, s0), (m1, o1, s1) = _graph_models(dropout=0.0)
+    batches = _graph_batches(rng, [(5, 11, 7), (6, 13, 9), (7, 9, 10)], 6)   # two pad to (8, 16, 16)
+    eager = [float(train_step(m0, o0, s0, b)) for b in batches]
+    graphed = CudaGraphStep(m1, o1, s1, 0.1)
+    losses = [float(graphed(b)) for b in batches]
+    assert len(graphed.graphs) == 2
+    np.testing.assert_allclose(losses, eager, rtol=1e-4)
+
+
+def test_replaying_a_captured_step_never_waits_for_the_gpu(rng):
+    import cupyx
+    from minitransformer.cuda_graph import CudaGraphStep
+    (model, opt, schedule), _ = _graph_models(dropout=0.1)
+    batch = _graph_batches(rng, [(8, 8, 8)], 1)[0]
+    graphed = CudaGraphStep(model, opt, schedule, 0.1)
+    graphed(batch)                                        # eager step and capture
+    with cupyx.allow_synchronize(False):
+        losses = [graphed(batch) for _ in range(5)]
+    values = [float(x) for x in losses]
+    assert all(np.isfinite(values)) and len(set(values)) > 1     # each replay is a new step
+
+
+def test_a_captured_step_rejects_bad_batches_before_the_gpu_sees_them(rng):
+    from minitransformer.cuda_graph import CudaGraphStep
+    (model, opt, schedule), _ = _graph_models(dropout=0.0)
+    batch = _graph_batches(rng, [(8, 8, 8)], 1)[0]
+    graphed = CudaGraphStep(model, opt, schedule, 0.1)
+    graphed(batch)
+    batch.src[0, 0] = 60
+    with pytest.raises(IndexError, match="CudaGraphStep: src id 60 is out of range"):
+        graphed(batch)
+    assert opt.step_count == 1

@@ -42,7 +42,8 @@ def linear(x, weight, bias=None):
     """``y = x Wᵀ + b`` with ``W`` of shape ``(out_features, in_features)`` as in PyTorch.
 
     Backward (rows of ``x`` flattened to ``(n, in)``): ``dx = g W``, ``dW = gᵀ x``,
-    ``db = Σ_rows g`` — one GEMM each, however many leading axes ``x`` has.
+    ``db = Σ_rows g`` — one GEMM each, however many leading axes ``x`` has (``kernels.matmul`` is
+    ``@``, or our own cuBLAS call while a CUDA graph is captured).
     """
     x, weight = as_tensor(x), as_tensor(weight)
     parents = (x, weight) if bias is None else (x, weight, as_tensor(bias))
@@ -58,15 +59,15 @@ def linear(x, weight, bias=None):
 
     # Leading axes flattened to one row axis: one GEMM instead of a GEMM per batch element.
     x2 = x.data.reshape(-1, in_features)                                    # (n, in)
-    y = x2 @ weight.data.T                                                  # (n, out)
+    y = kernels.matmul(x2, weight.data.T)                                   # (n, out)
     if bias is not None:
         y += parents[2].data
     y = y.reshape(*x.shape[:-1], out_features)
 
     def backward(g):
         g2 = g.reshape(-1, out_features)                                    # (n, out)
-        dx = (g2 @ weight.data).reshape(x.shape) if x.requires_grad else None
-        dw = (g2.T @ x2) if weight.requires_grad else None
+        dx = kernels.matmul(g2, weight.data).reshape(x.shape) if x.requires_grad else None
+        dw = kernels.matmul(g2.T, x2) if weight.requires_grad else None
         if bias is None:
             return dx, dw
         if not parents[2].requires_grad:

@@ -29,7 +29,8 @@ def cross_entropy(logits, target, ignore_index=None, label_smoothing=0.0):
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     xp_t = backend.get_array_module(target)
     counted = target != ignore_index if ignore_index is not None else xp_t.ones(N, dtype=bool)
-    check_ids("cross_entropy", target[counted], C, what="target")
+    if not backend.capturing():        # boolean indexing waits for the GPU; a capture checks on the host
+        check_ids("cross_entropy", target[counted], C, what="target")
     target = backend.to_device(xp_t.where(counted, target, 0), logits.device)
     counted = backend.to_device(counted, logits.device)
 

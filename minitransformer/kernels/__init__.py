@@ -103,10 +103,12 @@ def dropout_apply(x, p, seed, offset):
     cp = backend.cupy()
     x = _contiguous(x)
     y = cp.empty_like(x)
+    capture = backend.capturing()
+    base = np.uint64(capture.offset_base.data.ptr if capture is not None else 0)   # null: offset is absolute
     if x.size:
         _kernel("dropout_apply", x.dtype)(
             (_grid(x.size),), (_THREADS,),
-            (x, y, np.int64(x.size), np.uint64(_stream_key(seed)), np.uint64(offset), np.float32(p),
+            (x, y, np.int64(x.size), np.uint64(_stream_key(seed)), np.uint64(offset), base, np.float32(p),
              x.dtype.type(1.0 / (1.0 - p))))
     return y
 
@@ -212,14 +214,16 @@ def _operand(a):
 
 
 def batched_matmul(a, b):
-    """``a @ b`` for ``(…, m, k) @ (…, k, n)`` with the same batch axes, either operand possibly a
-    transposed view (``x.swapaxes(-1, -2)``): one cuBLAS strided-batched GEMM, no copy. Anything
-    else (broadcast batch axes, other dtypes) goes to ``a @ b``."""
+    """``a @ b`` for ``(…, m, k) @ (…, k, n)`` with the same batch axes (or none), either operand
+    possibly a transposed view (``x.swapaxes(-1, -2)``): one cuBLAS strided-batched GEMM, no copy.
+    Anything else (broadcast batch axes, other dtypes) goes to ``a @ b``. While a CUDA graph is being
+    captured the GEMM goes through our own cuBLAS handle (``kernels.capture``)."""
     cp = backend.cupy()
-    if (a.ndim < 3 or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype or a.dtype not in _GEMM
-            or a.shape[-1] != b.shape[-2] or 0 in a.shape or 0 in b.shape):
+    capture = backend.capturing()
+    if (a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype
+            or a.dtype not in _GEMM or a.shape[-1] != b.shape[-2] or 0 in a.shape or 0 in b.shape
+            or (a.ndim == 2 and capture is None)):
         return a @ b
-    from cupy_backends.cuda.libs import cublas
     *lead, m, k = a.shape
     n = b.shape[-1]
     batch = int(np.prod(lead))
@@ -228,17 +232,31 @@ def batched_matmul(a, b):
     C = cp.empty((*lead, m, n), dtype=a.dtype)
     # Row-major C = A B is column-major Cᵀ = Bᵀ Aᵀ: B's memory goes first.
     dtype_id, compute, compute_tf32 = _GEMM[a.dtype]
+    compute = compute_tf32 if backend.tf32_enabled() else compute
+    args = (1 if b_t else 0, 1 if a_t else 0, n, m, k)
+    if capture is not None:
+        capture.blas.gemm_strided_batched(a.dtype, *args, B.data.ptr, k if b_t else n, k * n,
+                                          A.data.ptr, m if a_t else k, m * k, C.data.ptr, n, m * n,
+                                          batch, dtype_id, compute)
+        return C
+    from cupy_backends.cuda.libs import cublas
     scalar = np.float32 if a.dtype == np.float32 else np.float64
     one, zero = np.ones(1, dtype=scalar), np.zeros(1, dtype=scalar)
     handle = cp.cuda.device.get_cublas_handle()
     cublas.setPointerMode(handle, 0)            # CUBLAS_POINTER_MODE_HOST: alpha and beta below
     cublas.gemmStridedBatchedEx(
-        handle, 1 if b_t else 0, 1 if a_t else 0, n, m, k,
-        one.ctypes.data, B.data.ptr, dtype_id, k if b_t else n, k * n,
+        handle, *args, one.ctypes.data, B.data.ptr, dtype_id, k if b_t else n, k * n,
         A.data.ptr, dtype_id, m if a_t else k, m * k,
-        zero.ctypes.data, C.data.ptr, dtype_id, n, m * n, batch,
-        compute_tf32 if backend.tf32_enabled() else compute, -1)
+        zero.ctypes.data, C.data.ptr, dtype_id, n, m * n, batch, compute, -1)
     return C
+
+
+def matmul(a, b):
+    """``a @ b``, except while a CUDA graph is being captured, when CuPy may not call cuBLAS: then
+    the same product through ``batched_matmul``'s own handle."""
+    if backend.capturing() is None:
+        return a @ b
+    return batched_matmul(a, b)
 
 
 # ---- ReLU (§3.3) and the bias gradient of a linear layer -------------------------------------------
@@ -272,7 +290,10 @@ def column_sum(g):
     """``Σ_rows g`` of a 2-D array as the product ``1ᵀ g`` (cuBLAS GEMV): 2–8× faster on the GPU than
     CuPy's column reduction (measured on an H200, 8192 rows: 0.022 vs 0.088 ms for 512 columns,
     0.024 vs 0.191 ms for 2048, 0.31 vs 0.63 ms for 37000; benchmarks/profile_step.py --matmul)."""
-    return _ones(g.shape[0], g.dtype.str) @ g
+    ones = _ones(g.shape[0], g.dtype.str)
+    if backend.capturing() is None:
+        return ones @ g
+    return batched_matmul(ones[None], g)[0]       # the same product as a (1, n) @ (n, d) GEMM
 
 
 # ---- embedding (§3.4) -----------------------------------------------------------------------------------
@@ -281,19 +302,24 @@ def embedding_backward(ids, g, num_embeddings):
     """``dW[v] = Σ_{i: ids[i] = v} g[i]``, summed in order of position (deterministic, no atomics).
 
     ``ids`` may be a host array (the usual case: batches are made on the host), whose sort order is
-    then found on the host; device ids are sorted on the device."""
+    then found on the host; device ids (and every id inside a captured CUDA graph) go to a kernel
+    that needs no sort and adds in the same order."""
     cp = backend.cupy()
     g = _contiguous(g)
     d = g.shape[-1]
     flat = ids.reshape(-1)
-    xp = backend.get_array_module(flat)
-    order = xp.argsort(flat, kind="stable") if xp is np else cp.argsort(flat)
+    dW = cp.zeros((num_embeddings, d), dtype=g.dtype)
+    if not (flat.size and d):
+        return dW
+    grid = (int(flat.size), (d + 127) // 128)
+    if backend.device_of(flat) == "cuda":
+        _kernel("embedding_bwd_unsorted", g.dtype)(
+            grid, (128,), (_contiguous(flat.astype(cp.int64, copy=False)), g, np.int64(flat.size), np.int32(d), dW))
+        return dW
+    order = np.argsort(flat, kind="stable")
     sorted_ids = cp.asarray(flat[order].astype(np.int64))
     order = cp.asarray(order.astype(np.int64))
-    dW = cp.zeros((num_embeddings, d), dtype=g.dtype)
-    if flat.size and d:
-        _kernel("embedding_bwd", g.dtype)((int(flat.size), (d + 127) // 128), (128,),
-                                          (sorted_ids, order, g, np.int64(flat.size), np.int32(d), dW))
+    _kernel("embedding_bwd", g.dtype)(grid, (128,), (sorted_ids, order, g, np.int64(flat.size), np.int32(d), dW))
     return dW
 
 
@@ -319,6 +345,8 @@ def adam_step(params, grads, ms, vs, beta1, beta2, step_size, sqrt_correction2, 
     """One Adam update of every (p, g, m, v) quadruple (same dtype, contiguous, on the GPU), in place.
 
     The device pointers go over as one small table per step (an asynchronous copy): no host sync.
+    In a captured CUDA graph the table comes from pinned memory and ``step_size`` and
+    ``sqrt_correction2`` from the device (``Capture.adam_scalars``, set before each replay).
     """
     cp = backend.cupy()
     if not params:
@@ -327,7 +355,10 @@ def adam_step(params, grads, ms, vs, beta1, beta2, step_size, sqrt_correction2, 
     T = dtype.type
     ptrs = np.array([[a.data.ptr for a in quad] for quad in zip(params, grads, ms, vs)], dtype=np.uint64).reshape(-1)
     sizes, chunk_tensor, chunk_start, blocks = _chunk_table(tuple(int(p.size) for p in params))
+    capture = backend.capturing()
+    table = capture.upload(ptrs) if capture is not None else cp.asarray(ptrs)
+    scalars = np.uint64(capture.adam_scalars[np.dtype(dtype)].data.ptr if capture is not None else 0)
     _kernel("adam_step", dtype)(
         (blocks,), (512,),
-        (cp.asarray(ptrs), sizes, chunk_tensor, chunk_start, np.int32(_CHUNK), T(beta1), T(beta2),
-         T(1 - beta1), T(1 - beta2), T(step_size), T(sqrt_correction2), T(eps)))
+        (table, sizes, chunk_tensor, chunk_start, np.int32(_CHUNK), T(beta1), T(beta2),
+         T(1 - beta1), T(1 - beta2), T(step_size), T(sqrt_correction2), T(eps), scalars))

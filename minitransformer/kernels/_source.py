@@ -96,10 +96,13 @@ __global__ void softmax_bwd(const T* __restrict__ P, const T* __restrict__ dP, i
 }
 
 // y = x * m with m = [u >= p] * scale, u = uniform01(key, offset + i): inverted dropout whose mask
-// is recomputed from (key, offset) in the backward instead of being stored.
+// is recomputed from (key, offset) in the backward instead of being stored. In a captured CUDA graph
+// the offset is relative to *base, which the host sets before each replay (fresh masks every step).
 template<typename T>
 __global__ void dropout_apply(const T* __restrict__ x, T* __restrict__ y, long long n, unsigned long long key,
-                              unsigned long long offset, float p, T scale) {
+                              unsigned long long offset, const unsigned long long* __restrict__ base,
+                              float p, T scale) {
+    if (base != nullptr) offset += *base;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         y[i] = uniform01(key, offset + i) >= p ? x[i] * scale : T(0);
 }
@@ -235,13 +238,43 @@ __global__ void embedding_bwd(const long long* __restrict__ sorted_ids, const lo
     dW[id * d + j] = acc;
 }
 
+// The same sums from unsorted ids (device ids, e.g. inside a captured CUDA graph, where nothing may
+// sort on the host): block p first looks for an earlier position with its id and leaves if there is
+// one; otherwise it walks every later position in increasing order, as embedding_bwd does, so both
+// give the same bits. dW must be zeroed (ids that never occur keep a zero row).
+template<typename T>
+__global__ void embedding_bwd_unsorted(const long long* __restrict__ ids, const T* __restrict__ g, long long n,
+                                       int d, T* __restrict__ dW) {
+    __shared__ int match[128];
+    const long long p = blockIdx.x;
+    const int j = blockIdx.y * blockDim.x + threadIdx.x;
+    const long long id = ids[p];
+    for (long long q0 = 0; q0 < p; q0 += blockDim.x) {
+        const long long q = q0 + threadIdx.x;
+        if (__syncthreads_or(q < p && ids[q] == id)) return;
+    }
+    T acc = 0;
+    for (long long q0 = p; q0 < n; q0 += blockDim.x) {
+        const long long q = q0 + threadIdx.x;
+        match[threadIdx.x] = q < n && ids[q] == id;
+        __syncthreads();
+        if (j < d)
+            for (int t = 0; t < (int)blockDim.x; ++t)
+                if (match[t]) acc += g[(q0 + t) * d + j];
+        __syncthreads();
+    }
+    if (j < d) dW[id * d + j] = acc;
+}
+
 // Adam over many tensors in one launch: block b updates chunk b of tensor chunk_tensor[b];
 // ptrs holds (p, g, m, v) device pointers per tensor. Same order of operations as optim.Adam.
 template<typename T>
 __global__ void adam_step(const unsigned long long* __restrict__ ptrs, const long long* __restrict__ sizes,
                           const int* __restrict__ chunk_tensor, const long long* __restrict__ chunk_start,
                           int chunk_size, T beta1, T beta2, T one_minus_beta1, T one_minus_beta2,
-                          T step_size, T sqrt_correction2, T eps) {
+                          T step_size, T sqrt_correction2, T eps, const T* __restrict__ scalars) {
+    // In a captured CUDA graph the two per-step numbers are read from the device (set before each replay).
+    if (scalars != nullptr) { step_size = scalars[0]; sqrt_correction2 = scalars[1]; }
     const int t = chunk_tensor[blockIdx.x];
     const long long start = chunk_start[blockIdx.x];
     const long long end = start + chunk_size < sizes[t] ? start + chunk_size : sizes[t];
@@ -261,4 +294,5 @@ __global__ void adam_step(const unsigned long long* __restrict__ ptrs, const lon
 """
 
 NAMES = ("masked_softmax_fwd", "softmax_bwd", "dropout_apply", "layer_norm_fwd", "layer_norm_bwd_dx",
-         "layer_norm_bwd_dwdb", "cross_entropy_fwd", "cross_entropy_bwd", "relu_fwd", "relu_bwd", "embedding_bwd", "adam_step")
+         "layer_norm_bwd_dwdb", "cross_entropy_fwd", "cross_entropy_bwd", "relu_fwd", "relu_bwd", "embedding_bwd",
+         "embedding_bwd_unsorted", "adam_step")

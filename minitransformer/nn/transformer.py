@@ -115,9 +115,9 @@ def padding_mask(ids, pad_id):
     return (ids != pad_id)[:, None, None, :]
 
 
-def causal_mask(T):
+def causal_mask(T, xp=np):
     """``(T, T)``: position i may attend to positions ≤ i (§3.2.3, "masking out … illegal connections")."""
-    return np.tril(np.ones((T, T), dtype=bool))
+    return xp.tril(xp.ones((T, T), dtype=bool))
 
 
 class Transformer(Module):
@@ -179,7 +179,8 @@ class Transformer(Module):
         T = tgt_ids.shape[1]
         offset = cache["length"] if cache is not None else 0
         if cache is None:
-            tgt_mask = self._mask(causal_mask(T)[None, None] & padding_mask(tgt_ids, self.pad_id))
+            xp = backend.get_array_module(tgt_ids)      # ids on the GPU: the mask is made there too
+            tgt_mask = self._mask(causal_mask(T, xp)[None, None] & padding_mask(tgt_ids, self.pad_id))
         else:   # the new tokens see every cached one, and each other causally
             tgt_mask = self._mask(np.tril(np.ones((T, offset + T), dtype=bool), k=offset)) if T > 1 else None
             cache["length"] += T

@@ -1,0 +1,172 @@
+"""A whole training step (forward, loss, backward, Adam) captured as a CUDA graph and replayed (GPU).
+
+Why: a small model's step is a few hundred kernel launches, each costing ~10 µs of Python and CuPy
+host time, so the GPU waits for the host. A captured graph launches all of them with one call.
+
+How it works (``CudaGraphStep``):
+- One graph per batch shape. Batches are padded (with ``pad_id``, which the loss and the attention
+  masks ignore) up to multiples of ``pad_to`` so that a run sees a few dozen shapes, not hundreds.
+- The first batch of a shape runs eagerly (a real update), then a step of that shape is captured:
+  Python runs ``train_step`` once more while the GPU only records. What that run advanced on the host
+  (schedule, optimizer step, dropout counter) is put back, so the capture itself changes nothing.
+- A replay checks the host batch, copies it into the graph's input buffers, sets the two numbers that
+  change every step (Adam's step size with the Noam rate, the dropout stream's offset) in device
+  memory, and launches the graph (``kernels.capture`` explains why these live on the device).
+- Memory: every graph allocates from one private pool. Graphs run one at a time on one stream and
+  nothing a graph writes is read after the next launch (the loss is copied out at once), so they
+  can share it; the pool holds about one step's peak, as PyTorch's graph pools do.
+
+The losses equal the eager step's to float32 rounding (``tests/test_kernels.py``): the same kernels
+run, only the 2-D matrix products go through another cuBLAS entry point.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import backend
+from .data import Batch
+from .functional.embedding import check_ids
+from .kernels.capture import Blas, Capture, upload_async
+from .optim import Adam
+from .train import train_step
+
+
+@dataclass
+class _Graph:
+    graph: object               # cupy.cuda.Graph
+    inputs: tuple               # device (src, tgt_in, tgt_out): a replay copies the batch here
+    loss: object                # the 0-d device array the graph writes the loss into
+    capture: Capture            # device scalars the graph reads, pinned buffers it copies from
+    numbers: int                # dropout numbers one step draws
+    seed: int                   # the dropout stream's seed at capture (a new manual_seed recaptures)
+
+
+class CudaGraphStep:
+    """``step(batch) -> loss`` like ``train.train_step``, replaying a captured graph per batch shape.
+
+    ``model`` must be on the GPU, ``optimizer`` an ``Adam`` over its parameters (fused kernels on).
+    ``captures`` and ``replays`` count what happened (shown by the benchmark and the trainer).
+    """
+
+    def __init__(self, model, optimizer, schedule=None, label_smoothing=0.1, clip_norm=None, pad_to=8):
+        if model.device != "cuda":
+            raise ValueError("CudaGraphStep: CUDA graphs need the model on the GPU (model.to('cuda'))")
+        if not isinstance(optimizer, Adam):
+            raise TypeError(f"CudaGraphStep: the captured step updates with Adam's fused kernel, got {type(optimizer).__name__}")
+        if not backend.fused(optimizer.params[0].data):
+            raise RuntimeError("CudaGraphStep: CUDA graphs need the fused kernels (they are off: "
+                               "MINITRANSFORMER_FUSED=0 or backend.set_fused(False))")
+        if pad_to < 1:
+            raise ValueError(f"CudaGraphStep: pad_to must be >= 1, got {pad_to}")
+        cp = backend.cupy()
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.label_smoothing, self.clip_norm, self.pad_to = label_smoothing, clip_norm, pad_to
+        self.stream = cp.cuda.Stream()      # blocking: ordered with the default stream the rest uses
+        self.pool = cp.cuda.MemoryPool()
+        self.blas = Blas(self.stream)
+        self.graphs = {}
+        self.captures = self.replays = 0
+
+    # ---- the step ---------------------------------------------------------------------------
+    def __call__(self, batch):
+        src, tgt_in, tgt_out = self._host_batch(batch)
+        key = (src.shape, tgt_in.shape)
+        entry = self.graphs.get(key)
+        if entry is not None and entry.seed == backend.random_state()["seed"]:
+            return self._replay(entry, src, tgt_in, tgt_out)
+        loss = self._eager(src, tgt_in, tgt_out)
+        self.graphs[key] = self._capture(src.shape, tgt_in.shape)
+        return loss
+
+    def _host_batch(self, batch):
+        """The batch as int64 host arrays, checked (the graph cannot check on the GPU) and padded."""
+        pad = self.model.pad_id
+        V = self.model.vocab_size
+        arrays = []
+        for name in ("src", "tgt_in", "tgt_out"):
+            a = getattr(batch, name)
+            if backend.device_of(a) != "cpu":
+                raise TypeError(f"CudaGraphStep: batch.{name} must be a host (NumPy) array, got a GPU array")
+            a = np.asarray(a)
+            if a.ndim != 2:
+                raise ValueError(f"CudaGraphStep: batch.{name} must be (batch, length), got shape {a.shape}")
+            check_ids("CudaGraphStep", a, V, what=f"{name} id")
+            arrays.append(a)
+        src, tgt_in, tgt_out = arrays
+        if tgt_in.shape != tgt_out.shape or src.shape[0] != tgt_in.shape[0]:
+            raise ValueError(f"CudaGraphStep: shapes src {src.shape}, tgt_in {tgt_in.shape}, tgt_out {tgt_out.shape} "
+                             "do not make one batch")
+        B = self._round(src.shape[0])
+        return tuple(self._padded(a, B, self._round(a.shape[1]), pad) for a in arrays)
+
+    def _round(self, n):
+        return -(-n // self.pad_to) * self.pad_to
+
+    @staticmethod
+    def _padded(a, rows, cols, pad):
+        if a.shape == (rows, cols):
+            return np.ascontiguousarray(a, dtype=np.int64)
+        out = np.full((rows, cols), pad, dtype=np.int64)
+        out[:a.shape[0], :a.shape[1]] = a
+        return out
+
+    def _eager(self, src, tgt_in, tgt_out):
+        """An ordinary step on the graph's stream and pool (compiles, fills caches, sizes the pool)."""
+        cp = backend.cupy()
+        with cp.cuda.using_allocator(self.pool.malloc), self.stream:
+            batch = Batch(cp.asarray(src), cp.asarray(tgt_in), cp.asarray(tgt_out), None)
+            loss = train_step(self.model, self.optimizer, self.schedule, batch, self.label_smoothing, self.clip_norm)
+        self.optimizer.zero_grad()
+        return loss
+
+    def _capture(self, src_shape, tgt_shape):
+        cp = backend.cupy()
+        inputs = (cp.empty(src_shape, dtype=cp.int64), cp.empty(tgt_shape, dtype=cp.int64),
+                  cp.empty(tgt_shape, dtype=cp.int64))
+        capture = Capture(self.stream, self.blas)
+        opt, schedule = self.optimizer, self.schedule
+        saved = (opt.step_count, opt.lr, schedule.step_count if schedule is not None else None)
+        seed = backend.random_state()["seed"]
+        with cp.cuda.using_allocator(self.pool.malloc), self.stream:
+            self.stream.synchronize()           # the eager step's work is done before recording starts
+            previous = backend.set_capture(capture)
+            self.stream.begin_capture()
+            try:
+                loss = train_step(self.model, opt, schedule, Batch(*inputs, None), self.label_smoothing,
+                                  self.clip_norm)
+            except BaseException:
+                try:
+                    self.stream.end_capture()   # end it before the device is touched again
+                except Exception:  # noqa: BLE001  (an invalidated capture also errors here)
+                    pass
+                raise
+            finally:
+                backend.set_capture(previous)
+                opt.step_count, opt.lr = saved[0], saved[1]
+                if schedule is not None:
+                    schedule.step_count = saved[2]
+                opt.zero_grad()                 # the captured gradients are the graph's, not the user's
+            try:
+                graph = self.stream.end_capture()
+            except Exception as e:
+                raise RuntimeError(f"CudaGraphStep: capturing the step failed ({e}); "
+                                   "train without --cuda-graph") from e
+        self.captures += 1
+        return _Graph(graph, inputs, loss, capture, capture.numbers, seed)
+
+    def _replay(self, entry, src, tgt_in, tgt_out):
+        opt = self.optimizer
+        for device, host in zip(entry.inputs, (src, tgt_in, tgt_out)):
+            upload_async(device, host, self.stream)
+        if self.schedule is not None:
+            self.schedule.step()
+        opt.step_count += 1
+        corrections = opt.corrections()
+        for dtype, scalars in entry.capture.adam_scalars.items():
+            upload_async(scalars, np.array(corrections, dtype=dtype), self.stream)
+        _, offset = backend.counter_stream(entry.numbers)
+        upload_async(entry.capture.offset_base, np.array([offset], dtype=np.uint64), self.stream)
+        entry.graph.launch(self.stream)
+        self.replays += 1
+        with self.stream:
+            return entry.loss.copy()            # the next replay overwrites entry.loss
