@@ -8,7 +8,7 @@
 # Logs go to $OUT (default ./gpu-check). The corpus comes from $MINITRANSFORMER_CACHE (no network needed
 # when spa.tsv is already there). STEPS (default 1500) sets the length of the training runs, SEEDS
 # (default "0") how many pairs of runs (e.g. SEEDS="0 1 2": three, side by side on one GPU); TRAIN=0
-# leaves them out, TWIN=0 leaves out the twins, TRAIN_ARGS adds options to our runs (e.g. --cuda-graph),
+# leaves them out, DECODE=0 the decode benchmark, TWIN=0 the twins, TRAIN_ARGS adds options to our runs (e.g. --cuda-graph),
 # EXTRA=1 adds our unfused step and the per-op profile. The step benchmarks time our step eagerly and
 # replayed as a CUDA graph (--cuda-graph: a third side).
 #     bash benchmarks/gpu_check.sh
@@ -39,7 +39,7 @@ for args in "${BENCHES[@]}"; do
   timeout 240 $PY benchmarks/train_step.py --device cuda $args --rounds 5 --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
     || echo "FAILED: train_step $args" >> "$OUT/bench.err"
 done
-if [ "${BENCH:-1}" = 1 ]; then
+if [ "${BENCH:-1}" = 1 ] && [ "${DECODE:-1}" = 1 ]; then
   stamp "decode"
   timeout 240 $PY benchmarks/decode.py --device cuda --config small --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
     || echo "FAILED: decode" >> "$OUT/bench.err"
