@@ -12,6 +12,7 @@ Three things differ from an eager step:
   address again at every replay); ``upload`` keeps such buffers alive as long as the capture.
 """
 import ctypes
+import ctypes.util
 import functools
 
 import numpy as np
@@ -37,7 +38,6 @@ def _libcublas():
     except OSError:
         pass
     if path is None:
-        import ctypes.util
         path = ctypes.util.find_library("cublas")
     if path is None:
         raise RuntimeError("CUDA graph capture: cannot find libcublas (needed to call cuBLAS while capturing)")
