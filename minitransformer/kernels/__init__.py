@@ -234,6 +234,10 @@ def batched_matmul(a, b):
     dtype_id, compute, compute_tf32 = _GEMM[a.dtype]
     compute = compute_tf32 if backend.tf32_enabled() else compute
     args = (1 if b_t else 0, 1 if a_t else 0, n, m, k)
+    if capture is not None and a.ndim == 2:
+        capture.blas.gemm(a.dtype, *args, B.data.ptr, k if b_t else n, A.data.ptr, m if a_t else k,
+                          C.data.ptr, n, dtype_id, compute)
+        return C
     if capture is not None:
         capture.blas.gemm_strided_batched(a.dtype, *args, B.data.ptr, k if b_t else n, k * n,
                                           A.data.ptr, m if a_t else k, m * k, C.data.ptr, n, m * n,
@@ -291,9 +295,17 @@ def column_sum(g):
     CuPy's column reduction (measured on an H200, 8192 rows: 0.022 vs 0.088 ms for 512 columns,
     0.024 vs 0.191 ms for 2048, 0.31 vs 0.63 ms for 37000; benchmarks/profile_step.py --matmul)."""
     ones = _ones(g.shape[0], g.dtype.str)
-    if backend.capturing() is None:
+    capture = backend.capturing()
+    if capture is None or g.dtype not in _GEMM:
         return ones @ g
-    return batched_matmul(ones[None], g)[0]       # the same product as a (1, n) @ (n, d) GEMM
+    g = _contiguous(g)
+    n, d = g.shape
+    out = backend.cupy().empty(d, dtype=g.dtype)
+    if n and d:     # row-major g (n, d) is column-major (d, n): out = g_colmajor @ ones
+        capture.blas.gemv(g.dtype, d, n, g.data.ptr, d, ones.data.ptr, out.data.ptr)
+    else:
+        out.fill(0)
+    return out
 
 
 # ---- embedding (§3.4) -----------------------------------------------------------------------------------

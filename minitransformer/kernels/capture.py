@@ -44,6 +44,9 @@ def _libcublas():
     lib = ctypes.CDLL(path)
     p, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
     lib.cublasGemmStridedBatchedEx.argtypes = [p, i, i, i, i, i, p, p, i, i, ll, p, i, i, ll, p, p, i, i, ll, i, i, i]
+    lib.cublasGemmEx.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
+    lib.cublasSgemm_v2.argtypes = lib.cublasDgemm_v2.argtypes = [p, i, i, i, i, i, p, p, i, p, i, p, p, i]
+    lib.cublasSgemv_v2.argtypes = lib.cublasDgemv_v2.argtypes = [p, i, i, i, p, p, i, p, i, p, p, i]
     lib.cublasCreate_v2.argtypes = [ctypes.POINTER(p)]
     lib.cublasSetStream_v2.argtypes = [p, p]
     lib.cublasSetWorkspace_v2.argtypes = [p, p, ctypes.c_size_t]
@@ -78,6 +81,25 @@ class Blas:
             self.handle, trans_a, trans_b, m, n, k, ctypes.byref(self._one[dtype]), A, dtype_id, lda, stride_a,
             B, dtype_id, ldb, stride_b, ctypes.byref(self._zero[dtype]), C, dtype_id, ldc, stride_c, batch,
             compute, -1), "cublasGemmStridedBatchedEx")
+
+    def gemm(self, dtype, trans_a, trans_b, m, n, k, A, lda, B, ldb, C, ldc, dtype_id, compute):
+        """One 2-D product through the routine CuPy's ``@`` calls (sgemm/dgemm; GemmEx for TF32):
+        the same kernels as the eager step (the strided-batched entry with one batch picked slower
+        ones for some shapes)."""
+        one, zero = ctypes.byref(self._one[dtype]), ctypes.byref(self._zero[dtype])
+        if dtype == np.float32 and compute != 68:       # TF32 tensor cores
+            status = self.lib.cublasGemmEx(self.handle, trans_a, trans_b, m, n, k, one, A, dtype_id, lda,
+                                           B, dtype_id, ldb, zero, C, dtype_id, ldc, compute, -1)
+        else:
+            gemm = self.lib.cublasSgemm_v2 if dtype == np.float32 else self.lib.cublasDgemm_v2
+            status = gemm(self.handle, trans_a, trans_b, m, n, k, one, A, lda, B, ldb, zero, C, ldc)
+        _check(status, "gemm")
+
+    def gemv(self, dtype, m, n, A, lda, x, y):
+        """``y = A x`` for a column-major ``(m, n)`` matrix ``A`` (a bias gradient's column sums)."""
+        gemv = self.lib.cublasSgemv_v2 if dtype == np.float32 else self.lib.cublasDgemv_v2
+        _check(gemv(self.handle, 0, m, n, ctypes.byref(self._one[dtype]), A, lda, x, 1,
+                    ctypes.byref(self._zero[dtype]), y, 1), "gemv")
 
     def __del__(self):
         try:
