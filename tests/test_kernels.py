@@ -285,9 +285,9 @@ def test_relu_and_the_linear_bias_gradient_match_the_array_version(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_embedding_backward_from_device_ids_adds_in_the_same_order_as_the_sorted_version(rng, dtype):
-    """The no-sort kernel (device ids, CUDA graphs) gives the sorted kernel's bits: many distinct ids,
-    several 128-position chunks, a width that is not a multiple of 128."""
+def test_embedding_backward_from_device_ids_adds_in_the_same_order_as_from_host_ids(rng, dtype):
+    """Device ids (CUDA graphs) are sorted on the device, host ids on the host: the same bits, with many
+    distinct ids and a width that is not a multiple of 128."""
     cp = backend.cupy()
     ids = rng.integers(0, 700, size=(12, 250))
     ids[:, 3] = 5                                                  # one id in every row

@@ -238,34 +238,6 @@ __global__ void embedding_bwd(const long long* __restrict__ sorted_ids, const lo
     dW[id * d + j] = acc;
 }
 
-// The same sums from unsorted ids (device ids, e.g. inside a captured CUDA graph, where nothing may
-// sort on the host): block p first looks for an earlier position with its id and leaves if there is
-// one; otherwise it walks every later position in increasing order, as embedding_bwd does, so both
-// give the same bits. dW must be zeroed (ids that never occur keep a zero row).
-template<typename T>
-__global__ void embedding_bwd_unsorted(const long long* __restrict__ ids, const T* __restrict__ g, long long n,
-                                       int d, T* __restrict__ dW) {
-    __shared__ int match[128];
-    const long long p = blockIdx.x;
-    const int j = blockIdx.y * blockDim.x + threadIdx.x;
-    const long long id = ids[p];
-    for (long long q0 = 0; q0 < p; q0 += blockDim.x) {
-        const long long q = q0 + threadIdx.x;
-        if (__syncthreads_or(q < p && ids[q] == id)) return;
-    }
-    T acc = 0;
-    for (long long q0 = p; q0 < n; q0 += blockDim.x) {
-        const long long q = q0 + threadIdx.x;
-        match[threadIdx.x] = q < n && ids[q] == id;
-        __syncthreads();
-        if (j < d)
-            for (int t = 0; t < (int)blockDim.x; ++t)
-                if (match[t]) acc += g[(q0 + t) * d + j];
-        __syncthreads();
-    }
-    if (j < d) dW[id * d + j] = acc;
-}
-
 // Adam over many tensors in one launch: block b updates chunk b of tensor chunk_tensor[b];
 // ptrs holds (p, g, m, v) device pointers per tensor. Same order of operations as optim.Adam.
 template<typename T>
@@ -295,4 +267,4 @@ __global__ void adam_step(const unsigned long long* __restrict__ ptrs, const lon
 
 NAMES = ("masked_softmax_fwd", "softmax_bwd", "dropout_apply", "layer_norm_fwd", "layer_norm_bwd_dx",
          "layer_norm_bwd_dwdb", "cross_entropy_fwd", "cross_entropy_bwd", "relu_fwd", "relu_bwd", "embedding_bwd",
-         "embedding_bwd_unsorted", "adam_step")
+         "adam_step")
