@@ -17,7 +17,7 @@ How it works (``CudaGraphStep``):
   can share it; the pool holds about one step's peak, as PyTorch's graph pools do.
 
 The losses equal the eager step's to float32 rounding (``tests/test_kernels.py``): the same kernels
-run, only the 2-D matrix products go through another cuBLAS entry point.
+run, the matrix products through our own cuBLAS handle.
 """
 from dataclasses import dataclass
 
