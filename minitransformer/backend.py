@@ -71,6 +71,8 @@ def to_device(array, device):
     if device == device_of(array):
         return array
     if device == "cuda":
+        if _capture is not None:   # a graph copies again at every replay: from a buffer nothing else reuses
+            return _capture.upload(np.asarray(array))
         return _cupy.asarray(array)
     return _cupy.asnumpy(array)
 

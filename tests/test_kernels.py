@@ -384,3 +384,21 @@ def test_a_captured_step_rejects_bad_batches_before_the_gpu_sees_them(rng):
     with pytest.raises(IndexError, match="CudaGraphStep: src id 60 is out of range"):
         graphed(batch)
     assert opt.step_count == 1
+
+
+def test_replays_keep_their_host_constants_when_later_copies_reuse_cupys_pinned_buffers(rng):
+    """What a capture copies from the host (the √d_model scale, Python numbers, masks) comes from
+    buffers the capture owns: eager copies between replays (validation, checkpoints) cannot change it."""
+    from minitransformer.cuda_graph import CudaGraphStep
+    from minitransformer.train import train_step
+    cp = backend.cupy()
+    (m0, o0, s0), (m1, o1, s1) = _graph_models(dropout=0.0)
+    batches = _graph_batches(rng, [(8, 8, 8)], 6)
+    eager = [float(train_step(m0, o0, s0, b)) for b in batches]
+    graphed = CudaGraphStep(m1, o1, s1, 0.1)
+    losses = []
+    for b in batches:
+        losses.append(float(graphed(b)))
+        for shape in [(), (1,), (8, 8), ()] * 5:      # what CuPy's pinned staging hands out next
+            cp.asarray(rng.standard_normal(shape) * 1e3)
+    np.testing.assert_allclose(losses, eager, rtol=2e-5)

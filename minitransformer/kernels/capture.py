@@ -8,8 +8,10 @@ Three things differ from an eager step:
 - Numbers that change every step cannot be kernel arguments (a graph replays the arguments it
   captured): the dropout stream's offset and Adam's step size are read from small device arrays that
   the host sets before each replay.
-- A host-to-device copy inside a capture must come from pinned memory (the graph copies from that
-  address again at every replay); ``upload`` keeps such buffers alive as long as the capture.
+- A host-to-device copy inside a capture is replayed from the same host address every time, so it
+  must come from pinned memory that nothing else reuses (CuPy's own ``asarray`` stages through a
+  pinned pool whose blocks later copies overwrite). ``backend.to_device`` and Adam's pointer table
+  go through ``upload``, which keeps such buffers alive as long as the capture.
 """
 import ctypes
 import ctypes.util

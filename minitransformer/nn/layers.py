@@ -132,8 +132,7 @@ class PositionalEncoding(Module):
             raise ValueError(f"PositionalEncoding: positions up to {offset + T} requested but "
                              f"max_len is {self.max_len}; build the model with a larger max_len")
         if self.learned:
-            xp = self.weight.xp if backend.capturing() else np    # a CUDA-graph capture copies nothing from the host
-            positions = F.embedding(xp.arange(offset, offset + T), self.weight)
+            positions = F.embedding(np.arange(offset, offset + T), self.weight)
         else:
             positions = self.pe[offset:offset + T]
         return self.dropout(x + positions)
