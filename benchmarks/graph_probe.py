@@ -133,16 +133,22 @@ def _(stream):
     return f"{path}, max err {err:.2e}"
 
 
-@probe("pageable memcpyAsync inside capture")
-def _(stream):
-    host = np.arange(16, dtype=np.float32)
-    dev = cp.empty(16, dtype=cp.float32)
+def captured_copy(stream, host):
+    """A graph of one host-to-device copy of ``host``, launched once; returns (graph, device array)."""
+    dev = cp.empty(host.shape, dtype=host.dtype)
     with stream:
         stream.begin_capture()
         cp.cuda.runtime.memcpyAsync(dev.data.ptr, host.ctypes.data, host.nbytes, 1, stream.ptr)
         g = stream.end_capture()
         g.launch(stream)
         stream.synchronize()
+    return g, dev
+
+
+@probe("pageable memcpyAsync inside capture")
+def _(stream):
+    host = np.arange(16, dtype=np.float32)
+    _, dev = captured_copy(stream, host)
     return f"copied {bool((dev.get() == host).all())}"
 
 
@@ -151,17 +157,11 @@ def _(stream):
     mem = cp.cuda.alloc_pinned_memory(64)
     host = np.frombuffer(mem, np.float32, 16)
     host[:] = 1
-    dev = cp.empty(16, dtype=cp.float32)
-    with stream:
-        stream.begin_capture()
-        cp.cuda.runtime.memcpyAsync(dev.data.ptr, host.ctypes.data, host.nbytes, 1, stream.ptr)
-        g = stream.end_capture()
-        g.launch(stream)
-        stream.synchronize()
-        first = float(dev.sum())
-        host[:] = 2
-        g.launch(stream)
-        stream.synchronize()
+    g, dev = captured_copy(stream, host)
+    first = float(dev.sum())
+    host[:] = 2
+    g.launch(stream)
+    stream.synchronize()
     return f"first {first} then {float(dev.sum())}"
 
 

@@ -60,8 +60,9 @@ def timed(step, sync, times):
     times.append(time.perf_counter() - t)
 
 
-def setup_ours(c, device, args):
-    """(step, sync, peak) for minitransformer; ``peak()`` measures one more step's peak memory."""
+def setup_ours(c, device, args, graph=False):
+    """(step, sync, peak) for minitransformer, eager or (``graph``) replayed as a CUDA graph;
+    ``peak()`` measures one more step's peak memory."""
     import minitransformer as mt
     from minitransformer.data import Batch
     from minitransformer.optim import Adam, NoamSchedule
@@ -75,7 +76,7 @@ def setup_ours(c, device, args):
     xp = mt.backend.xp_for(device)
     sync = xp.cuda.Device().synchronize if device == "cuda" else (lambda: None)
 
-    if args.cuda_graph_side:
+    if graph:
         from minitransformer.cuda_graph import CudaGraphStep
         graphed = CudaGraphStep(model, opt, schedule, 0.1)
 
@@ -189,11 +190,9 @@ def main():
     tokens = c["batch"] * c["length"]
     flops = matmul_flops(c)
     result = {"config": args.config, "device": args.device, "tf32": args.tf32, "fused": not args.unfused, **c}
-    args.cuda_graph_side = False
     sides = {"ours": setup_ours(c, args.device, args)}
     if args.cuda_graph:
-        args.cuda_graph_side = True
-        sides["ours_graph"] = setup_ours(c, args.device, args)
+        sides["ours_graph"] = setup_ours(c, args.device, args, graph=True)
     sides["torch"] = setup_torch(c, args.device, args)
     for name, (seconds, peak) in measure(sides, args).items():
         result[name] = {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens / seconds,
