@@ -233,6 +233,43 @@ def set_fused(enabled):
     return previous
 
 
+def top_k(scores, k):
+    """Column indices ``(rows, k)`` of the ``k`` largest entries of each row of a 2-D array, best
+    first, ties to the lower index (beam search's candidates).
+
+    NumPy partitions once and sorts the ``k``; CuPy's ``argpartition`` sorts whole rows, so on the
+    GPU a small ``k`` takes ``k`` rounds of ``argmax`` (first index on ties) over a working copy,
+    and a large one a stable sort. All three give the same indices for finite scores (past the
+    last finite one of a row, ``argmax`` may repeat an index: beam search stops at -inf).
+    """
+    if device_of(scores) != "cuda":
+        return _top_k_partition(scores, k)
+    return _top_k_argmax(scores, k) if k <= 16 else _cupy.argsort(-scores, axis=1)[:, :k]
+
+
+def _top_k_partition(scores, k):
+    n = scores.shape[1]
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(scores), 1))
+    if k < n:   # the partition keeps *some* of the entries equal to the k-th largest: keep the first ones
+        kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
+        for r in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k):
+            above = np.flatnonzero(scores[r] > kth[r])
+            part[r] = np.concatenate([above, np.flatnonzero(scores[r] == kth[r])[:k - len(above)]])
+    order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def _top_k_argmax(scores, k):
+    xp = get_array_module(scores)
+    work = scores.copy()
+    rows = xp.arange(len(scores))
+    top = xp.empty((len(scores), k), dtype=np.int64)
+    for i in range(k):
+        top[:, i] = work.argmax(axis=1)
+        work[rows, top[:, i]] = -np.inf
+    return top
+
+
 def scatter_add(target, index, values):
     """``target[index] += values`` where repeated indices *accumulate* (embedding backward)."""
     if device_of(target) == "cuda":

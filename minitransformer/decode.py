@@ -4,6 +4,11 @@ With the cache the decoder runs on the newest token only: its self-attention key
 grow by one position per step and the cross-attention keys and values of the encoder output are
 computed once. ``use_cache=False`` re-runs the decoder on the whole prefix every step (the
 reference the cache is tested against, and the baseline of ``benchmarks/decode.py``).
+
+All per-step bookkeeping is whole-array work on the model's device (no loop over sentences, no
+copy of the log-probabilities to the host): on a GPU a step is a fixed set of launches, so the
+cache's saving is not hidden behind host work. The host reads one flag per step (all done?) and
+the chosen hypotheses once at the end.
 """
 import numpy as np
 
@@ -17,14 +22,19 @@ def _source_lengths(src_ids, pad_id):
 
 
 def _step_logprobs(model, tokens, memory, src_mask, cache):
-    """Log-probabilities ``(B, vocab)`` of the next token after ``tokens (B, t)``, on the host."""
+    """Log-probabilities ``(B, vocab)`` (float64, on the model's device) of the next token after
+    ``tokens (B, t)``."""
     if cache is not None:
         logits = model.decode(tokens[:, -1:], memory, src_mask, cache)
     else:
         logits = model.decode(tokens, memory, src_mask)
-    logp = backend.to_numpy(F.log_softmax(logits[:, -1, :]).data).astype(np.float64)
+    logp = F.log_softmax(logits[:, -1, :]).data.astype(np.float64)
     logp[:, model.pad_id] = -np.inf   # never predict padding: the uncached decoder masks pad keys out
     return logp
+
+
+def _host_ids(src_ids):
+    return np.asarray(backend.to_numpy(src_ids.data if isinstance(src_ids, Tensor) else src_ids))
 
 
 def greedy_decode(model, src_ids, bos_id, eos_id, max_len_a=1.0, max_len_b=50, use_cache=True):
@@ -32,42 +42,36 @@ def greedy_decode(model, src_ids, bos_id, eos_id, max_len_a=1.0, max_len_b=50, u
 
     Each sentence stops at ``eos`` or after ``max_len_a · source length + max_len_b`` tokens.
     """
-    src_ids = np.asarray(backend.to_numpy(src_ids.data if isinstance(src_ids, Tensor) else src_ids))
+    src_ids = _host_ids(src_ids)
     limits = (max_len_a * _source_lengths(src_ids, model.pad_id) + max_len_b).astype(int)
-    B = len(src_ids)
+    B, steps = len(src_ids), max(0, int(limits.max()))
     was_training = model.training
     model.eval()
     with no_grad():
         memory, src_mask = model.encode(src_ids)
+        xp = backend.get_array_module(memory.data)
+        limits_d = backend.to_device(limits, backend.device_of(memory.data))
         cache = model.new_cache() if use_cache else None
-        tokens = np.full((B, 1), bos_id, dtype=np.int64)
-        done = np.zeros(B, dtype=bool)
-        out = [[] for _ in range(B)]
-        for step in range(int(limits.max())):
+        tokens = xp.full((B, 1), bos_id, dtype=np.int64)
+        done = xp.zeros(B, dtype=bool)
+        out = xp.zeros((B, steps), dtype=np.int64)    # a sentence's tokens are out[b, :lengths[b]]
+        lengths = xp.zeros(B, dtype=np.int64)
+        for step in range(steps):
             next_ids = _step_logprobs(model, tokens, memory, src_mask, cache).argmax(axis=1)
-            for b in np.flatnonzero(~done):
-                if next_ids[b] == eos_id or step >= limits[b]:
-                    done[b] = True
-                else:
-                    out[b].append(int(next_ids[b]))
-            if done.all():
+            done |= (next_ids == eos_id) | (step >= limits_d)
+            out[:, step] = next_ids
+            lengths += ~done       # done only grows, so kept tokens are the first lengths[b]
+            if bool(done.all()):
                 break
-            tokens = np.concatenate([tokens, np.where(done, eos_id, next_ids)[:, None]], axis=1)
+            tokens = xp.concatenate([tokens, xp.where(done, eos_id, next_ids)[:, None]], axis=1)
+        out, lengths = backend.to_numpy(out), backend.to_numpy(lengths)
     model.train(was_training)
-    return out
+    return [out[b, :lengths[b]].tolist() for b in range(B)]
 
 
 def length_penalty(length, alpha):
     """Wu et al. (2016): ``lp(Y) = ((5 + |Y|) / 6)^α``; scores are divided by it (§6.1: α = 0.6)."""
     return ((5.0 + length) / 6.0) ** alpha
-
-
-def _top_k(scores, k):
-    """Column indices of the ``k`` largest scores of each row, best first (ties: lower index)."""
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k] if k < scores.shape[1] else \
-        np.tile(np.arange(scores.shape[1]), (len(scores), 1))
-    order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
-    return np.take_along_axis(part, order, axis=1)
 
 
 def _reorder_cache(cache, rows):
@@ -86,61 +90,98 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
     finished once it has ``beam_size`` such hypotheses or reaches its length limit (then its
     live hypotheses are scored too). Returns the best hypothesis per sentence (a list of
     token-id lists, no bos/eos); with ``return_scores`` also their normalised scores.
+
+    Each step, per sentence, goes down the 2K best candidates (K = beam size; 2K always holds K
+    that are not eos) in order: an eos among the first K ends a hypothesis while fewer than K
+    have ended, and the first K others continue. This is done for all sentences at once with
+    running counts (``cumsum``) instead of a loop; ``tests/test_decode.py`` checks it against
+    that loop and against exhaustive search.
     """
-    src_ids = np.asarray(backend.to_numpy(src_ids.data if isinstance(src_ids, Tensor) else src_ids))
+    src_ids = _host_ids(src_ids)
     if beam_size < 1:
         raise ValueError(f"beam_search: beam_size must be >= 1, got {beam_size}")
     B, K = len(src_ids), beam_size
     limits = (max_len_a * _source_lengths(src_ids, model.pad_id) + max_len_b).astype(int)
+    steps = max(0, int(limits.max()))
     was_training = model.training
     model.eval()
     with no_grad():
         memory, src_mask = model.encode(np.repeat(src_ids, K, axis=0))     # (B·K, S, d_model)
+        xp = backend.get_array_module(memory.data)
+        limits_d = backend.to_device(limits, backend.device_of(memory.data))
         cache = model.new_cache() if use_cache else None
-        tokens = np.full((B * K, 1), bos_id, dtype=np.int64)
-        scores = np.full((B, K), -np.inf)
+        tokens = xp.full((B * K, 1), bos_id, dtype=np.int64)
+        scores = xp.full((B, K), -np.inf)
         scores[:, 0] = 0.0                       # all beams start identical: expand only one
-        finished = [[] for _ in range(B)]        # (normalised score, tokens) per sentence
-        done = np.zeros(B, dtype=bool)
-        for step in range(int(limits.max())):
+        # Ended hypotheses, in the order they end: at most K by eos, then at most K live ones at
+        # the length limit. Writes are whole-array: those not meant to land go to one more slot
+        # (the last, index -1) that nothing reads.
+        slots = 2 * K + 1
+        fin_scores = xp.full((B, slots), -np.inf)
+        fin_lengths = xp.zeros((B, slots), dtype=np.int64)
+        fin_tokens = xp.zeros((B, slots, steps + 1), dtype=np.int64)
+        fin_count = xp.zeros(B, dtype=np.int64)
+        done = xp.zeros(B, dtype=bool)
+        batch = xp.arange(B)[:, None]
+        own_rows = xp.arange(B * K).reshape(B, K)
+        for step in range(steps):
             logp = _step_logprobs(model, tokens, memory, src_mask, cache)   # (B·K, V)
             V = logp.shape[1]
+            n = min(2 * K, K * V)
             candidates = (scores[:, :, None] + logp.reshape(B, K, V)).reshape(B, K * V)
-            top = _top_k(candidates, min(2 * K, K * V))   # 2K: enough to keep K that are not eos
-            rows = np.arange(B * K).reshape(B, K).copy()  # default: finished sentences keep their rows
-            next_tokens = np.full((B, K), eos_id, dtype=np.int64)
-            for b in np.flatnonzero(~done):
-                alive = 0
-                for rank, flat in enumerate(top[b]):
-                    score = candidates[b, flat]
-                    beam, token = divmod(int(flat), V)
-                    if not np.isfinite(score):
-                        break
-                    prefix = tokens[b * K + beam, 1:].tolist()
-                    if token == eos_id:   # only an eos among the K best ends a hypothesis (beam 1 = greedy)
-                        if rank < K and len(finished[b]) < K:
-                            finished[b].append((score / length_penalty(step + 1, alpha), prefix))
-                    elif alive < K:
-                        rows[b, alive] = b * K + beam
-                        next_tokens[b, alive] = token
-                        scores[b, alive] = score
-                        alive += 1
-                    if alive == K and len(finished[b]) >= K:
-                        break
-                scores[b, alive:] = -np.inf
-                if len(finished[b]) >= K or step + 1 >= limits[b]:
-                    done[b] = True
-                    if step + 1 >= limits[b] or not finished[b]:
-                        for k in range(alive):  # out of length: live hypotheses count too
-                            prefix = tokens[rows[b, k], 1:].tolist() + [int(next_tokens[b, k])]
-                            finished[b].append((scores[b, k] / length_penalty(step + 1, alpha), prefix))
-            if done.all():
+            top = backend.top_k(candidates, n)                      # (B, n), best first
+            top_scores = xp.take_along_axis(candidates, top, axis=1)
+            beam, token = top // V, top % V
+            active = ~done[:, None]
+            finite = xp.isfinite(top_scores)     # sorted: past the first -inf all are -inf
+            lp = length_penalty(step + 1, alpha)
+            prefixes = tokens[batch * K + beam, 1:]                 # (B, n, step)
+
+            # eos among the K best ends a hypothesis, while fewer than K have ended
+            ends = finite & (token == eos_id) & (xp.arange(n) < K)
+            ended = fin_count[:, None] + xp.cumsum(ends, axis=1)    # count including this one
+            ends &= active & (ended <= K)
+            at = xp.where(ends, ended - 1, -1)
+            fin_scores[batch, at] = top_scores / lp
+            fin_lengths[batch, at] = step
+            fin_tokens[batch, at, :step] = prefixes
+            fin_count += ends.sum(axis=1)
+
+            # the first K others go on, in rank order
+            goes_on = finite & (token != eos_id)
+            rank = xp.cumsum(goes_on, axis=1) - 1
+            at = xp.where(goes_on & (rank < K), rank, K)            # column K: dummy
+            new_rows = xp.concatenate([own_rows, own_rows[:, :1]], axis=1)
+            new_tokens = xp.full((B, K + 1), eos_id, dtype=np.int64)
+            new_scores = xp.full((B, K + 1), -np.inf)
+            new_rows[batch, at] = batch * K + beam
+            new_tokens[batch, at] = token
+            new_scores[batch, at] = top_scores
+            rows = xp.where(active, new_rows[:, :K], own_rows)    # finished sentences keep their rows
+            next_tokens = xp.where(active, new_tokens[:, :K], eos_id)
+            scores = xp.where(active, new_scores[:, :K], scores)
+
+            # out of length: the live hypotheses end too, after the eos ones
+            out_of_length = ~done & (step + 1 >= limits_d)
+            alive = xp.minimum(goes_on.sum(axis=1), K)
+            k = xp.arange(K)
+            at = xp.where(out_of_length[:, None] & (k < alive[:, None]), fin_count[:, None] + k, -1)
+            fin_scores[batch, at] = scores / lp
+            fin_lengths[batch, at] = step + 1
+            fin_tokens[batch, at, :step] = tokens[rows, 1:]
+            fin_tokens[batch, at, step] = next_tokens
+            fin_count += xp.where(out_of_length, alive, 0)
+            done |= out_of_length | (fin_count >= K)
+            if bool(done.all()):
                 break
             rows = rows.reshape(-1)
-            tokens = np.concatenate([tokens[rows], next_tokens.reshape(-1, 1)], axis=1)
+            tokens = xp.concatenate([tokens[rows], next_tokens.reshape(-1, 1)], axis=1)
             if cache is not None:
                 _reorder_cache(cache, rows)
+        best = fin_scores[:, :-1].argmax(axis=1)        # first of equals: the earliest ended
+        best_scores = backend.to_numpy(fin_scores[xp.arange(B), best])
+        best_lengths = backend.to_numpy(fin_lengths[xp.arange(B), best])
+        best_tokens = backend.to_numpy(fin_tokens[xp.arange(B), best])
     model.train(was_training)
-    best = [max(f, key=lambda h: h[0]) if f else (-np.inf, []) for f in finished]
-    hyps = [h for _, h in best]
-    return (hyps, [s for s, _ in best]) if return_scores else hyps
+    hyps = [best_tokens[b, :best_lengths[b]].tolist() for b in range(B)]
+    return (hyps, best_scores.tolist()) if return_scores else hyps

@@ -326,3 +326,103 @@ def test_length_limit_is_exact_when_eos_never_comes():
                                max_len_b=max_len_b, use_cache=use_cache)
             assert [len(o) for o in greedy] == expected
             assert [len(o) for o in beam] == expected
+
+
+# ---- the vectorised beam search against the per-sentence loop it replaces --------------------------
+
+def loop_beam_search(model, src_ids, bos_id, eos_id, beam_size, alpha=0.6, max_len_a=1.0, max_len_b=50):
+    """Beam search written as a plain loop over sentences and candidates, on the host (the
+    implementation ``decode.beam_search`` had before its bookkeeping became whole-array work).
+    Returns (hyps, scores)."""
+    src_ids = np.asarray(src_ids)
+    B, K = len(src_ids), beam_size
+    limits = (max_len_a * source_lengths(src_ids) + max_len_b).astype(int)
+    model.eval()
+    with no_grad():
+        memory, src_mask = model.encode(np.repeat(src_ids, K, axis=0))
+        tokens = np.full((B * K, 1), bos_id, dtype=np.int64)
+        scores = np.full((B, K), -np.inf)
+        scores[:, 0] = 0.0
+        finished = [[] for _ in range(B)]
+        done = np.zeros(B, dtype=bool)
+        for step in range(int(limits.max())):
+            logits = backend.to_numpy(model.decode(tokens, memory, src_mask).data[:, -1, :]).astype(np.float64)
+            logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+            logp[:, PAD_ID] = -np.inf
+            V = logp.shape[1]
+            candidates = (scores[:, :, None] + logp.reshape(B, K, V)).reshape(B, K * V)
+            order = np.lexsort((np.broadcast_to(np.arange(K * V), candidates.shape), -candidates), axis=1)
+            top = order[:, :min(2 * K, K * V)]
+            rows = np.arange(B * K).reshape(B, K).copy()
+            next_tokens = np.full((B, K), eos_id, dtype=np.int64)
+            for b in np.flatnonzero(~done):
+                alive = 0
+                for rank, flat in enumerate(top[b]):
+                    score = candidates[b, flat]
+                    beam, token = divmod(int(flat), V)
+                    if not np.isfinite(score):
+                        break
+                    prefix = tokens[b * K + beam, 1:].tolist()
+                    if token == eos_id:
+                        if rank < K and len(finished[b]) < K:
+                            finished[b].append((score / length_penalty(step + 1, alpha), prefix))
+                    elif alive < K:
+                        rows[b, alive], next_tokens[b, alive], scores[b, alive] = b * K + beam, token, score
+                        alive += 1
+                scores[b, alive:] = -np.inf
+                if len(finished[b]) >= K or step + 1 >= limits[b]:
+                    done[b] = True
+                    if step + 1 >= limits[b]:
+                        for k in range(alive):
+                            prefix = tokens[rows[b, k], 1:].tolist() + [int(next_tokens[b, k])]
+                            finished[b].append((scores[b, k] / length_penalty(step + 1, alpha), prefix))
+            if done.all():
+                break
+            tokens = np.concatenate([tokens[rows.reshape(-1)], next_tokens.reshape(-1, 1)], axis=1)
+    best = [max(f, key=lambda h: h[0]) if f else (-np.inf, []) for f in finished]
+    return [h for _, h in best], [s for s, _ in best]
+
+
+@pytest.mark.parametrize("beam_size", [1, 2, 3, 5])
+def test_beam_search_equals_the_per_sentence_loop(model, src, beam_size):
+    for alpha, max_len_a, max_len_b in [(0.6, 1.0, 4), (0.0, 0.5, 1), (1.5, 1.0, 8)]:
+        hyps, scores = beam_search(model, src, BOS_ID, EOS_ID, beam_size, alpha, max_len_a, max_len_b,
+                                   return_scores=True)
+        ref_hyps, ref_scores = loop_beam_search(model, src, BOS_ID, EOS_ID, beam_size, alpha, max_len_a, max_len_b)
+        assert hyps == ref_hyps, (alpha, max_len_a, max_len_b)
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_beam_search_equals_the_loop_when_many_hypotheses_end(rng, use_cache):
+    """Tables where eos is likely: hypotheses end at different steps, an eos often ranks below
+    the K best (and must not end a hypothesis), and sentences fill their K ended slots early."""
+    V = 9
+    src = np.array([[3, 4, 4, 5], [4, PAD_ID, PAD_ID, PAD_ID], [5, 6, PAD_ID, PAD_ID]])
+    for trial in range(12):
+        table = rng.normal(0.0, 1.0, size=(V, V))
+        table[:, EOS_ID] += rng.uniform(-0.5, 2.5)
+        for K in (1, 2, 3, 6):
+            hyps, scores = beam_search(BigramLM(table), src, BOS_ID, EOS_ID, K, 0.6, 1.0, 3,
+                                       use_cache=use_cache, return_scores=True)
+            ref_hyps, ref_scores = loop_beam_search(BigramLM(table), src, BOS_ID, EOS_ID, K, 0.6, 1.0, 3)
+            assert hyps == ref_hyps, (trial, K)
+            np.testing.assert_allclose(scores, ref_scores, rtol=1e-12)
+
+
+# ---- top-k (beam search's candidates) ------------------------------------------------------------
+
+def test_top_k_variants_agree_best_first_ties_to_the_lower_index(rng, device):
+    """The partition (CPU), argmax-rounds and stable-sort (GPU) top-k give the same indices, best
+    first, equal scores by ascending index; rows with a few finite scores keep them in front."""
+    xp = backend.xp_for(device)
+    scores = rng.integers(0, 6, size=(7, 40)).astype(np.float64)   # many ties
+    scores[2, 3:] = -np.inf                                        # only 3 finite
+    expected = np.lexsort((np.broadcast_to(np.arange(40), scores.shape), -scores), axis=1)
+    for k in (1, 3, 8, 40):
+        for top in (backend.top_k(xp.asarray(scores), k), backend._top_k_argmax(xp.asarray(scores), k),
+                    backend._top_k_partition(scores, k)):
+            top = backend.to_numpy(top)
+            assert top.shape == (7, k)
+            finite = np.isfinite(np.take_along_axis(scores, expected[:, :k], axis=1))
+            np.testing.assert_array_equal(np.where(finite, top, -1), np.where(finite, expected[:, :k], -1))
