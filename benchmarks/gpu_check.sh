@@ -40,9 +40,11 @@ for args in "${BENCHES[@]}"; do
     || echo "FAILED: train_step $args" >> "$OUT/bench.err"
 done
 if [ "${BENCH:-1}" = 1 ] && [ "${DECODE:-1}" = 1 ]; then
-  stamp "decode"
-  timeout 240 $PY benchmarks/decode.py --device cuda --config small --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
-    || echo "FAILED: decode" >> "$OUT/bench.err"
+  for args in "--config small --batch 8" "--config small --batch 64" "--config base --batch 64"; do
+    stamp "decode $args"
+    timeout 240 $PY benchmarks/decode.py --device cuda $args --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
+      || echo "FAILED: decode $args" >> "$OUT/bench.err"
+  done
 fi
 
 if [ "${EXTRA:-0}" = 1 ]; then
@@ -85,6 +87,10 @@ echo "== benchmarks (full JSON in $OUT/bench.jsonl)"; tail -5 "$OUT/bench.err" 2
 import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
+    if "speedup" in r:
+        print(f"decode {r['config']:5s} batch {r['batch']:3d} beam {r['beam']}: cached {r['cached']['tokens_per_s']:.0f} "
+              f"tok/s, uncached {r['uncached']['tokens_per_s']:.0f} tok/s, KV-cache speed-up {r['speedup']:.2f}x "
+              f"(same hypotheses: {r['same_output']})"); continue
     if "config" not in r or "ours" not in r:
         print(line.strip()[:300]); continue
     ms = "  ".join(f"{k} {r[k]['ms_per_step']:.2f} ms" for k in ("ours", "ours_graph", "torch") if k in r)
