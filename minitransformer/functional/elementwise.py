@@ -20,7 +20,8 @@ def _operands(op, a, b):
     elif b.dtype.kind == "f" and a.dtype.kind in "iub":
         a = Tensor(a.data.astype(b.dtype))
     try:
-        like.xp.broadcast_shapes(a.shape, b.shape)
+        if a.shape != b.shape:
+            like.xp.broadcast_shapes(a.shape, b.shape)
     except ValueError:
         raise ValueError(f"{op}: shapes {a.shape} and {b.shape} cannot be broadcast together") from None
     return a, b
