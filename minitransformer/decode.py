@@ -50,7 +50,7 @@ def greedy_decode(model, src_ids, bos_id, eos_id, max_len_a=1.0, max_len_b=50, u
     with no_grad():
         memory, src_mask = model.encode(src_ids)
         xp = backend.get_array_module(memory.data)
-        limits_d = backend.to_device(limits, backend.device_of(memory.data))
+        limits = backend.to_device(limits, backend.device_of(memory.data))
         cache = model.new_cache() if use_cache else None
         tokens = xp.full((B, 1), bos_id, dtype=np.int64)
         done = xp.zeros(B, dtype=bool)
@@ -58,7 +58,7 @@ def greedy_decode(model, src_ids, bos_id, eos_id, max_len_a=1.0, max_len_b=50, u
         lengths = xp.zeros(B, dtype=np.int64)
         for step in range(steps):
             next_ids = _step_logprobs(model, tokens, memory, src_mask, cache).argmax(axis=1)
-            done |= (next_ids == eos_id) | (step >= limits_d)
+            done |= (next_ids == eos_id) | (step >= limits)
             out[:, step] = next_ids
             lengths += ~done       # done only grows, so kept tokens are the first lengths[b]
             if bool(done.all()):
@@ -79,6 +79,36 @@ def _reorder_cache(cache, rows):
     for layer in cache["layers"]:
         for name in ("k", "v"):
             layer["self"][name] = Tensor(layer["self"][name].data[rows])
+
+
+class _EndedHypotheses:
+    """Per sentence, the hypotheses that have ended, in the order they ended: at most K by eos,
+    then at most K live ones at the length limit. Every write is whole-array; the writes that are
+    not meant to land go to one more slot (the last) that nothing reads."""
+
+    def __init__(self, xp, B, K, max_len):
+        self.xp, self.batch = xp, xp.arange(B)[:, None]
+        self.scores = xp.full((B, 2 * K + 1), -np.inf)        # log P / lp(length)
+        self.lengths = xp.zeros((B, 2 * K + 1), dtype=np.int64)
+        self.tokens = xp.zeros((B, 2 * K + 1, max_len), dtype=np.int64)
+        self.count = xp.zeros(B, dtype=np.int64)
+
+    def add(self, keep, slot, scores, tokens):
+        """Where ``keep (B, n)``, hypothesis ``j`` of sentence ``b`` (``scores (B, n)``, ``tokens
+        (B, n, length)``) goes to slot ``slot[b, j]``."""
+        at = self.xp.where(keep, slot, -1)
+        self.scores[self.batch, at] = scores
+        self.lengths[self.batch, at] = tokens.shape[-1]
+        self.tokens[self.batch, at, :tokens.shape[-1]] = tokens
+        self.count += keep.sum(axis=1)
+
+    def best(self):
+        """Host ``(token lists, scores)``: per sentence the best, the earliest ended among equals."""
+        B = len(self.count)
+        best = self.scores[:, :-1].argmax(axis=1)
+        pick = (self.xp.arange(B), best)
+        scores, lengths, tokens = (backend.to_numpy(a[pick]) for a in (self.scores, self.lengths, self.tokens))
+        return [tokens[b, :lengths[b]].tolist() for b in range(B)], scores.tolist()
 
 
 def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_a=1.0, max_len_b=50,
@@ -108,22 +138,14 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
     with no_grad():
         memory, src_mask = model.encode(np.repeat(src_ids, K, axis=0))     # (B·K, S, d_model)
         xp = backend.get_array_module(memory.data)
-        limits_d = backend.to_device(limits, backend.device_of(memory.data))
+        limits = backend.to_device(limits, backend.device_of(memory.data))
         cache = model.new_cache() if use_cache else None
-        tokens = xp.full((B * K, 1), bos_id, dtype=np.int64)
-        scores = xp.full((B, K), -np.inf)
+        tokens = xp.full((B * K, 1), bos_id, dtype=np.int64)               # bos + each hypothesis
+        scores = xp.full((B, K), -np.inf)                                  # log P of each hypothesis
         scores[:, 0] = 0.0                       # all beams start identical: expand only one
-        # Ended hypotheses, in the order they end: at most K by eos, then at most K live ones at
-        # the length limit. Writes are whole-array: those not meant to land go to one more slot
-        # (the last, index -1) that nothing reads.
-        slots = 2 * K + 1
-        fin_scores = xp.full((B, slots), -np.inf)
-        fin_lengths = xp.zeros((B, slots), dtype=np.int64)
-        fin_tokens = xp.zeros((B, slots, steps + 1), dtype=np.int64)
-        fin_count = xp.zeros(B, dtype=np.int64)
+        ended = _EndedHypotheses(xp, B, K, steps + 1)
         done = xp.zeros(B, dtype=bool)
-        batch = xp.arange(B)[:, None]
-        own_rows = xp.arange(B * K).reshape(B, K)
+        batch, own_rows = xp.arange(B)[:, None], xp.arange(B * K).reshape(B, K)
         for step in range(steps):
             logp = _step_logprobs(model, tokens, memory, src_mask, cache)   # (B·K, V)
             V = logp.shape[1]
@@ -135,53 +157,37 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
             active = ~done[:, None]
             finite = xp.isfinite(top_scores)     # sorted: past the first -inf all are -inf
             lp = length_penalty(step + 1, alpha)
-            prefixes = tokens[batch * K + beam, 1:]                 # (B, n, step)
 
-            # eos among the K best ends a hypothesis, while fewer than K have ended
+            # an eos among the K best ends its hypothesis, while fewer than K have ended
             ends = finite & (token == eos_id) & (xp.arange(n) < K)
-            ended = fin_count[:, None] + xp.cumsum(ends, axis=1)    # count including this one
-            ends &= active & (ended <= K)
-            at = xp.where(ends, ended - 1, -1)
-            fin_scores[batch, at] = top_scores / lp
-            fin_lengths[batch, at] = step
-            fin_tokens[batch, at, :step] = prefixes
-            fin_count += ends.sum(axis=1)
+            count = ended.count[:, None] + xp.cumsum(ends, axis=1)  # ended so far, this one included
+            ended.add(ends & active & (count <= K), count - 1, top_scores / lp, tokens[batch * K + beam, 1:])
 
-            # the first K others go on, in rank order
+            # the first K others go on, in rank order (column K of these: a dummy for the rest)
             goes_on = finite & (token != eos_id)
             rank = xp.cumsum(goes_on, axis=1) - 1
-            at = xp.where(goes_on & (rank < K), rank, K)            # column K: dummy
+            at = xp.where(goes_on & (rank < K), rank, K)
             new_rows = xp.concatenate([own_rows, own_rows[:, :1]], axis=1)
             new_tokens = xp.full((B, K + 1), eos_id, dtype=np.int64)
             new_scores = xp.full((B, K + 1), -np.inf)
-            new_rows[batch, at] = batch * K + beam
-            new_tokens[batch, at] = token
-            new_scores[batch, at] = top_scores
+            new_rows[batch, at], new_tokens[batch, at], new_scores[batch, at] = batch * K + beam, token, top_scores
             rows = xp.where(active, new_rows[:, :K], own_rows)    # finished sentences keep their rows
             next_tokens = xp.where(active, new_tokens[:, :K], eos_id)
             scores = xp.where(active, new_scores[:, :K], scores)
 
             # out of length: the live hypotheses end too, after the eos ones
-            out_of_length = ~done & (step + 1 >= limits_d)
-            alive = xp.minimum(goes_on.sum(axis=1), K)
+            out_of_length = ~done & (step + 1 >= limits)
+            alive = xp.minimum(goes_on.sum(axis=1), K)[:, None]
             k = xp.arange(K)
-            at = xp.where(out_of_length[:, None] & (k < alive[:, None]), fin_count[:, None] + k, -1)
-            fin_scores[batch, at] = scores / lp
-            fin_lengths[batch, at] = step + 1
-            fin_tokens[batch, at, :step] = tokens[rows, 1:]
-            fin_tokens[batch, at, step] = next_tokens
-            fin_count += xp.where(out_of_length, alive, 0)
-            done |= out_of_length | (fin_count >= K)
+            ended.add(out_of_length[:, None] & (k < alive), ended.count[:, None] + k, scores / lp,
+                      xp.concatenate([tokens[rows, 1:], next_tokens[:, :, None]], axis=2))
+            done |= out_of_length | (ended.count >= K)
             if bool(done.all()):
                 break
             rows = rows.reshape(-1)
             tokens = xp.concatenate([tokens[rows], next_tokens.reshape(-1, 1)], axis=1)
             if cache is not None:
                 _reorder_cache(cache, rows)
-        best = fin_scores[:, :-1].argmax(axis=1)        # first of equals: the earliest ended
-        best_scores = backend.to_numpy(fin_scores[xp.arange(B), best])
-        best_lengths = backend.to_numpy(fin_lengths[xp.arange(B), best])
-        best_tokens = backend.to_numpy(fin_tokens[xp.arange(B), best])
+        hyps, best_scores = ended.best()
     model.train(was_training)
-    hyps = [best_tokens[b, :best_lengths[b]].tolist() for b in range(B)]
-    return (hyps, best_scores.tolist()) if return_scores else hyps
+    return (hyps, best_scores) if return_scores else hyps
