@@ -262,13 +262,11 @@ def _top_k_partition(scores, k):
 
 def _top_k_argmax(scores, k):
     xp = get_array_module(scores)
-    work = scores.copy()
-    rows = xp.arange(len(scores))
-    top = xp.empty((len(scores), k), dtype=np.int64)
-    for i in range(k):
-        top[:, i] = work.argmax(axis=1)
-        work[rows, top[:, i]] = -np.inf
-    return top
+    work, rows, top = scores.copy(), xp.arange(len(scores)), []
+    for _ in range(k):
+        top.append(work.argmax(axis=1))
+        work[rows, top[-1]] = -np.inf
+    return xp.stack(top, axis=1)
 
 
 def scatter_add(target, index, values):

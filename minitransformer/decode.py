@@ -160,12 +160,12 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
 
             # an eos among the K best ends its hypothesis, while fewer than K have ended
             ends = finite & (token == eos_id) & (xp.arange(n) < K)
-            count = ended.count[:, None] + xp.cumsum(ends, axis=1)  # ended so far, this one included
+            count = ended.count[:, None] + xp.cumsum(ends, axis=1, dtype=np.int64)  # ended so far, this one included
             ended.add(ends & active & (count <= K), count - 1, top_scores / lp, tokens[batch * K + beam, 1:])
 
             # the first K others go on, in rank order (column K of these: a dummy for the rest)
             goes_on = finite & (token != eos_id)
-            rank = xp.cumsum(goes_on, axis=1) - 1
+            rank = xp.cumsum(goes_on, axis=1, dtype=np.int64) - 1
             at = xp.where(goes_on & (rank < K), rank, K)
             new_rows = xp.concatenate([own_rows, own_rows[:, :1]], axis=1)
             new_tokens = xp.full((B, K + 1), eos_id, dtype=np.int64)
