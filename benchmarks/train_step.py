@@ -26,6 +26,9 @@ CONFIGS = {  # the issue's reference configurations
     "tiny": dict(vocab_size=4000, d_model=128, num_heads=4, num_layers=2, d_ff=512, batch=32, length=16),
     "small": dict(vocab_size=8000, d_model=256, num_heads=4, num_layers=3, d_ff=1024, batch=64, length=32),
     "base": dict(vocab_size=37000, d_model=512, num_heads=8, num_layers=6, d_ff=2048, batch=64, length=128),
+    # small's layers with next to no arithmetic: the time is each framework's per-op host work
+    # (Python, dispatch, autograd), which is what bounds a small model's step on a GPU
+    "micro": dict(vocab_size=16, d_model=8, num_heads=4, num_layers=3, d_ff=16, batch=2, length=3),
 }
 
 
