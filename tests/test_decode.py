@@ -426,3 +426,17 @@ def test_top_k_variants_agree_best_first_ties_to_the_lower_index(rng, device):
             assert top.shape == (7, k)
             finite = np.isfinite(np.take_along_axis(scores, expected[:, :k], axis=1))
             np.testing.assert_array_equal(np.where(finite, top, -1), np.where(finite, expected[:, :k], -1))
+
+
+def test_the_decode_benchmark_runs_both_variants_to_full_length_with_the_same_output():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode.py"
+    run = subprocess.run([sys.executable, str(script), "--config", "tiny", "--batch", "2", "--length", "24",
+                          "--repeat", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["same_output"] is True and result["batch"] == 2 and result["length"] == 24
+    assert result["cached"]["tokens_per_s"] > 0 and result["uncached"]["tokens_per_s"] > 0
