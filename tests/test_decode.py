@@ -15,7 +15,7 @@ import pytest
 import minitransformer as mt
 from minitransformer import backend
 from minitransformer.data import BOS_ID, EOS_ID, PAD_ID, collate
-from minitransformer.decode import beam_search, greedy_decode, length_penalty
+from minitransformer.decode import _reorder_cache, _step_logprobs, beam_search, greedy_decode, length_penalty
 from minitransformer.nn import Transformer
 from minitransformer.optim import Adam, NoamSchedule
 from minitransformer.tensor import no_grad
@@ -330,9 +330,11 @@ def test_length_limit_is_exact_when_eos_never_comes():
 
 # ---- the vectorised beam search against the per-sentence loop it replaces --------------------------
 
-def loop_beam_search(model, src_ids, bos_id, eos_id, beam_size, alpha=0.6, max_len_a=1.0, max_len_b=50):
+def loop_beam_search(model, src_ids, bos_id, eos_id, beam_size, alpha=0.6, max_len_a=1.0, max_len_b=50,
+                     use_cache=True):
     """Beam search written as a plain loop over sentences and candidates, on the host (the
     implementation ``decode.beam_search`` had before its bookkeeping became whole-array work).
+    The model's log-probabilities come from the same function, so only the bookkeeping differs.
     Returns (hyps, scores)."""
     src_ids = np.asarray(src_ids)
     B, K = len(src_ids), beam_size
@@ -340,15 +342,15 @@ def loop_beam_search(model, src_ids, bos_id, eos_id, beam_size, alpha=0.6, max_l
     model.eval()
     with no_grad():
         memory, src_mask = model.encode(np.repeat(src_ids, K, axis=0))
+        device = backend.device_of(memory.data)
+        cache = model.new_cache() if use_cache else None
         tokens = np.full((B * K, 1), bos_id, dtype=np.int64)
         scores = np.full((B, K), -np.inf)
         scores[:, 0] = 0.0
         finished = [[] for _ in range(B)]
         done = np.zeros(B, dtype=bool)
         for step in range(int(limits.max())):
-            logits = backend.to_numpy(model.decode(tokens, memory, src_mask).data[:, -1, :]).astype(np.float64)
-            logp = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-            logp[:, PAD_ID] = -np.inf
+            logp = backend.to_numpy(_step_logprobs(model, tokens, memory, src_mask, cache))
             V = logp.shape[1]
             candidates = (scores[:, :, None] + logp.reshape(B, K, V)).reshape(B, K * V)
             order = np.lexsort((np.broadcast_to(np.arange(K * V), candidates.shape), -candidates), axis=1)
@@ -379,6 +381,8 @@ def loop_beam_search(model, src_ids, bos_id, eos_id, beam_size, alpha=0.6, max_l
             if done.all():
                 break
             tokens = np.concatenate([tokens[rows.reshape(-1)], next_tokens.reshape(-1, 1)], axis=1)
+            if cache is not None:
+                _reorder_cache(cache, backend.to_device(rows.reshape(-1), device))
     best = [max(f, key=lambda h: h[0]) if f else (-np.inf, []) for f in finished]
     return [h for _, h in best], [s for s, _ in best]
 
@@ -390,7 +394,7 @@ def test_beam_search_equals_the_per_sentence_loop(model, src, beam_size):
                                    return_scores=True)
         ref_hyps, ref_scores = loop_beam_search(model, src, BOS_ID, EOS_ID, beam_size, alpha, max_len_a, max_len_b)
         assert hyps == ref_hyps, (alpha, max_len_a, max_len_b)
-        np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-12)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
@@ -405,7 +409,8 @@ def test_beam_search_equals_the_loop_when_many_hypotheses_end(rng, use_cache):
         for K in (1, 2, 3, 6):
             hyps, scores = beam_search(BigramLM(table), src, BOS_ID, EOS_ID, K, 0.6, 1.0, 3,
                                        use_cache=use_cache, return_scores=True)
-            ref_hyps, ref_scores = loop_beam_search(BigramLM(table), src, BOS_ID, EOS_ID, K, 0.6, 1.0, 3)
+            ref_hyps, ref_scores = loop_beam_search(BigramLM(table), src, BOS_ID, EOS_ID, K, 0.6, 1.0, 3,
+                                                    use_cache=use_cache)
             assert hyps == ref_hyps, (trial, K)
             np.testing.assert_allclose(scores, ref_scores, rtol=1e-12)
 
