@@ -74,8 +74,9 @@ class Module:
     # ---- modes and devices -------------------------------------------------------------
     def train(self, mode=True):
         """Training mode: dropout on. Returns self."""
-        for m in self.modules():
-            object.__setattr__(m, "training", mode)
+        object.__setattr__(self, "training", mode)
+        for child in self._modules.values():   # not named_modules(): no names to build, every step
+            child.train(mode)
         return self
 
     def eval(self):
