@@ -91,6 +91,8 @@ def _fused(q, k, v, mask, scale, dropout_p):
     out = mm(P_tilde, v.data)
 
     def backward(dO):
+        # dO arrives as a transposed view (merge_heads' backward); both products below would copy it
+        dO = q.xp.ascontiguousarray(dO)
         dV = unbroadcast(mm(_t(P_tilde), dO), v.shape) if v.requires_grad else None
         dP = mm(dO, _t(v.data))
         if again is not None:
