@@ -249,9 +249,11 @@ def top_k(scores, k):
 
 def _top_k_partition(scores, k):
     n = scores.shape[1]
-    # the k largest end up last; partitioning -scores instead costs a negated copy and took 2.7x as long
-    part = np.argpartition(scores, n - k, axis=1)[:, n - k:] if k < n else np.tile(np.arange(n), (len(scores), 1))
-    if k < n:   # the partition keeps *some* of the entries equal to the k-th largest: keep the first ones
+    if k >= n:
+        part = np.tile(np.arange(n), (len(scores), 1))
+    else:   # the k largest end up last (partitioning -scores costs a negated copy: 2.7x as long)
+        part = np.argpartition(scores, n - k, axis=1)[:, n - k:]
+        # it keeps *some* of the entries equal to the k-th largest: keep the lowest indices instead
         kth = np.take_along_axis(scores, part, axis=1).min(axis=1)
         for r in np.flatnonzero((scores >= kth[:, None]).sum(axis=1) > k):
             above = np.flatnonzero(scores[r] > kth[r])
