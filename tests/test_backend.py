@@ -115,3 +115,11 @@ def test_random_state_round_trips_through_json_and_reads_old_checkpoints():
     backend.manual_seed(99)
     backend.set_random_state(old)
     assert np.array_equal(backend.generator("cpu").random(4), expected[0])
+
+
+def test_keep_freed_host_memory_takes_effect_exactly_on_glibc():
+    """The command line calls it at start; it is a no-op that says so where malloc is not glibc's."""
+    import platform
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert backend.keep_freed_host_memory() is on_glibc
+    assert backend.keep_freed_host_memory() is on_glibc      # calling it again is harmless
