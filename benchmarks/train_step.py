@@ -178,8 +178,15 @@ def main():
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and side")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of ours and torch")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed host memory for reuse, as the command line sets it "
+                             "(backend.keep_freed_host_memory; both sides share the process)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        from minitransformer.backend import keep_freed_host_memory
+        if not keep_freed_host_memory():
+            parser.error("--keep-freed-memory needs glibc's malloc")
     if args.tf32:
         os.environ["CUPY_TF32"] = "1"   # read by CuPy when it first runs a matmul
     if args.unfused:
@@ -192,7 +199,8 @@ def main():
     c = CONFIGS[args.config]
     tokens = c["batch"] * c["length"]
     flops = matmul_flops(c)
-    result = {"config": args.config, "device": args.device, "tf32": args.tf32, "fused": not args.unfused, **c}
+    result = {"config": args.config, "device": args.device, "tf32": args.tf32, "fused": not args.unfused,
+              "keep_freed_memory": args.keep_freed_memory, **c}
     sides = {"ours": setup_ours(c, args.device, args)}
     if args.cuda_graph:
         sides["ours_graph"] = setup_ours(c, args.device, args, graph=True)
