@@ -40,14 +40,17 @@ def cross_entropy(logits, target, ignore_index=None, label_smoothing=0.0):
     if backend.fused(logits.data):
         return _fused(logits, target, weight, n, label_smoothing)
 
-    shifted = logits.data - logits.data.max(axis=1, keepdims=True)
-    p = xp.exp(shifted)
-    total = p.sum(axis=1, keepdims=True)
-    log_p = shifted - xp.log(total)                                            # (N, C)
-    p /= total                                                                 # softmax, kept for backward
+    # log p_c = shifted_c - log Σ exp(shifted): the two sums the loss needs are read off ``shifted``
+    # before it becomes the softmax in place, so no (N, C) log p array is made
+    shifted = logits.data - logits.data.max(axis=1, keepdims=True)            # (N, C)
     rows = xp.arange(N)
-    nll = -log_p[rows, target]                                                 # -log p_t
-    smooth = -log_p.mean(axis=1)                                               # -Σ_c log p_c / C
+    picked, mean = shifted[rows, target], shifted.mean(axis=1)
+    p = xp.exp(shifted, out=shifted)
+    total = p.sum(axis=1, keepdims=True)
+    p /= total                                                                 # softmax, kept for backward
+    log_total = xp.log(total[:, 0])
+    nll = log_total - picked                                                   # -log p_t
+    smooth = log_total - mean                                                  # -Σ_c log p_c / C
     per_row = (1.0 - label_smoothing) * nll + label_smoothing * smooth
     loss = (per_row * weight).sum() / n
 
