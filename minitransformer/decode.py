@@ -17,8 +17,10 @@ from . import functional as F
 from .tensor import Tensor, no_grad
 
 
-def _source_lengths(src_ids, pad_id):
-    return (np.asarray(backend.to_numpy(src_ids)) != pad_id).sum(axis=1)
+def _length_limits(src_ids, pad_id, max_len_a, max_len_b):
+    """Host ``src_ids`` and each sentence's output limit ``max_len_a · source length + max_len_b``."""
+    src_ids = np.asarray(backend.to_numpy(src_ids.data if isinstance(src_ids, Tensor) else src_ids))
+    return src_ids, (max_len_a * (src_ids != pad_id).sum(axis=1) + max_len_b).astype(int)
 
 
 def _step_logprobs(model, tokens, memory, src_mask, cache):
@@ -33,17 +35,12 @@ def _step_logprobs(model, tokens, memory, src_mask, cache):
     return logp
 
 
-def _host_ids(src_ids):
-    return np.asarray(backend.to_numpy(src_ids.data if isinstance(src_ids, Tensor) else src_ids))
-
-
 def greedy_decode(model, src_ids, bos_id, eos_id, max_len_a=1.0, max_len_b=50, use_cache=True):
     """Pick the most likely token at every step. Returns a list of token-id lists (no bos/eos).
 
     Each sentence stops at ``eos`` or after ``max_len_a · source length + max_len_b`` tokens.
     """
-    src_ids = _host_ids(src_ids)
-    limits = (max_len_a * _source_lengths(src_ids, model.pad_id) + max_len_b).astype(int)
+    src_ids, limits = _length_limits(src_ids, model.pad_id, max_len_a, max_len_b)
     B, steps = len(src_ids), max(0, int(limits.max()))
     was_training = model.training
     model.eval()
@@ -127,12 +124,10 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
     running counts (``cumsum``) instead of a loop; ``tests/test_decode.py`` checks it against
     that loop and against exhaustive search.
     """
-    src_ids = _host_ids(src_ids)
     if beam_size < 1:
         raise ValueError(f"beam_search: beam_size must be >= 1, got {beam_size}")
-    B, K = len(src_ids), beam_size
-    limits = (max_len_a * _source_lengths(src_ids, model.pad_id) + max_len_b).astype(int)
-    steps = max(0, int(limits.max()))
+    src_ids, limits = _length_limits(src_ids, model.pad_id, max_len_a, max_len_b)
+    B, K, steps = len(src_ids), beam_size, max(0, int(limits.max()))
     was_training = model.training
     model.eval()
     with no_grad():
@@ -146,6 +141,7 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
         ended = _EndedHypotheses(xp, B, K, steps + 1)
         done = xp.zeros(B, dtype=bool)
         batch, own_rows = xp.arange(B)[:, None], xp.arange(B * K).reshape(B, K)
+        rank_of, k = xp.arange(2 * K), xp.arange(K)      # made once: the loop below is the hot path
         for step in range(steps):
             logp = _step_logprobs(model, tokens, memory, src_mask, cache)   # (B·K, V)
             V = logp.shape[1]
@@ -159,7 +155,7 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
             lp = length_penalty(step + 1, alpha)
 
             # an eos among the K best ends its hypothesis, while fewer than K have ended
-            ends = finite & (token == eos_id) & (xp.arange(n) < K)
+            ends = finite & (token == eos_id) & (rank_of[:n] < K)
             count = ended.count[:, None] + xp.cumsum(ends, axis=1, dtype=np.int64)  # ended so far, this one included
             ended.add(ends & active & (count <= K), count - 1, top_scores / lp, tokens[batch * K + beam, 1:])
 
@@ -178,7 +174,6 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
             # out of length: the live hypotheses end too, after the eos ones
             out_of_length = ~done & (step + 1 >= limits)
             alive = xp.minimum(goes_on.sum(axis=1), K)[:, None]
-            k = xp.arange(K)
             ended.add(out_of_length[:, None] & (k < alive), ended.count[:, None] + k, scores / lp,
                       xp.concatenate([tokens[rows, 1:], next_tokens[:, :, None]], axis=2))
             done |= out_of_length | (ended.count >= K)
