@@ -216,10 +216,11 @@ def keep_freed_host_memory():
     A training step allocates and frees the same large arrays (activations, gradients) every
     time. By default glibc serves big blocks with ``mmap`` and returns them on ``free``, so each
     step pays page faults to touch fresh memory again. Serving blocks below 32 MiB from the heap
-    and never trimming it (``mallopt``) let the default ``train`` command do 6.6% more steps in its
-    12 minutes on a 2-core VM (docs/results.md). It changes the whole process, so the command line
-    turns it on (its processes are ours) and library users may call it. Returns whether it took
-    effect (False where the C library is not glibc).
+    and never trimming it (``mallopt``) cut the minor page faults of ``benchmarks/train_step.py
+    --config tiny`` from 356,887 to 99,081 with about the same peak memory; what that does to
+    speed was mostly within the 2-core VM's run-to-run spread (docs/results.md). It changes the
+    whole process, so the command line turns it on (its processes are ours) and library users may
+    call it. Returns whether it took effect (False where the C library is not glibc).
     """
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
