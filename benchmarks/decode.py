@@ -1,12 +1,15 @@
 """Beam-search decoding speed with and without the key/value cache (§6.1 settings: beam 4, α = 0.6).
 
     python benchmarks/decode.py --device cpu --config small [--beam 4] [--length 50] [--batch 8] [--json]
+    python benchmarks/decode.py --device cuda --config small --cuda-graph     # a third variant
 
 A randomly initialised model decodes a batch of random source sentences; eos is set to an id the
 model never emits, so every hypothesis runs to exactly ``--length`` tokens and both variants do the
 same amount of work. Reported: output tokens/s (batch × beam × length / seconds, the median of
 ``--repeat`` runs, variants alternating) for each, the speed-up of the cache, and whether both
 produced the same hypotheses. ``--batch 64`` is what ``translate`` and ``evaluate`` decode at once.
+``--cuda-graph`` (GPU) adds the cached search over a fixed-size cache with each step replayed as a
+CUDA graph (``beam_search(cuda_graph=True)``), and its speed-up over the uncached search.
 """
 import argparse
 import json
@@ -32,8 +35,11 @@ def main():
     parser.add_argument("--batch", type=int, default=8, help="source sentences")
     parser.add_argument("--source-length", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant (median reported)")
+    parser.add_argument("--cuda-graph", action="store_true", help="also the cached search replayed as a CUDA graph (GPU)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.cuda_graph and args.device != "cuda":
+        parser.error("--cuda-graph needs --device cuda")
 
     import minitransformer as mt
     from minitransformer.decode import beam_search
@@ -46,30 +52,36 @@ def main():
 
     result = {"config": args.config, "device": args.device, "beam": args.beam, "length": args.length,
               "batch": args.batch, "repeat": args.repeat}
-    variants = {"cached": True, "uncached": False}
+    variants = {"cached": dict(use_cache=True), "uncached": dict(use_cache=False)}
+    if args.cuda_graph:
+        variants["graph"] = dict(cuda_graph=True)
     outputs, seconds = {}, {name: [] for name in variants}
-    for name, use_cache in variants.items():   # warm-up: kernels compiled, memory pool filled
-        beam_search(model, src, 2, never, args.beam, max_len_b=6 - args.source_length, use_cache=use_cache)
+    for name, kwargs in variants.items():   # warm-up: kernels compiled, memory pool filled
+        beam_search(model, src, 2, never, args.beam, max_len_b=6 - args.source_length, **kwargs)
     for _ in range(args.repeat):
-        for name, use_cache in variants.items():
+        for name, kwargs in variants.items():
             t = time.perf_counter()
-            outputs[name] = beam_search(model, src, 2, never, args.beam, max_len_b=max_len_b, use_cache=use_cache)
+            outputs[name] = beam_search(model, src, 2, never, args.beam, max_len_b=max_len_b, **kwargs)
             seconds[name].append(time.perf_counter() - t)
     for name in variants:
         median = statistics.median(seconds[name])
         result[name] = {"seconds": median, "tokens_per_s": args.batch * args.beam * args.length / median,
                         "runs_s": seconds[name]}
     result["speedup"] = result["cached"]["tokens_per_s"] / result["uncached"]["tokens_per_s"]
-    result["same_output"] = outputs["cached"] == outputs["uncached"]
-    assert all(len(h) == args.length for h in outputs["cached"]), "hypotheses did not run full length"
+    result["same_output"] = all(out == outputs["uncached"] for out in outputs.values())
+    if args.cuda_graph:
+        result["speedup_graph"] = result["graph"]["tokens_per_s"] / result["uncached"]["tokens_per_s"]
+    assert all(len(h) == args.length for out in outputs.values() for h in out), "hypotheses did not run full length"
     if args.json:
         print(json.dumps(result))
         return
     print(f"beam {args.beam}, {args.length}-token outputs, {args.batch} sentences, {args.config} on {args.device}")
-    for name in ("cached", "uncached"):
+    for name in variants:
         r = result[name]
         print(f"  {name:9s} {r['seconds']:8.2f} s  {r['tokens_per_s']:9.0f} tok/s")
-    print(f"  KV-cache speed-up: {result['speedup']:.1f}x   same hypotheses: {result['same_output']}")
+    print(f"  KV-cache speed-up: {result['speedup']:.1f}x"
+          + (f"   replayed as a CUDA graph: {result['speedup_graph']:.1f}x" if args.cuda_graph else "")
+          + f"   same hypotheses: {result['same_output']}")
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ for args in "${BENCHES[@]}"; do
 done
 if [ "${BENCH:-1}" = 1 ] && [ "${DECODE:-1}" = 1 ]; then
   for args in "--config small --batch 8" "--config small --batch 64" "--config base --batch 64"; do
+    args="$args --cuda-graph"
     stamp "decode $args"
     timeout 240 $PY benchmarks/decode.py --device cuda $args --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
       || echo "FAILED: decode $args" >> "$OUT/bench.err"
@@ -89,8 +90,9 @@ for line in open(sys.argv[1]):
     r = json.loads(line)
     if "speedup" in r:
         print(f"decode {r['config']:5s} batch {r['batch']:3d} beam {r['beam']}: cached {r['cached']['tokens_per_s']:.0f} "
-              f"tok/s, uncached {r['uncached']['tokens_per_s']:.0f} tok/s, KV-cache speed-up {r['speedup']:.2f}x "
-              f"(same hypotheses: {r['same_output']})"); continue
+              f"tok/s, uncached {r['uncached']['tokens_per_s']:.0f} tok/s, KV-cache speed-up {r['speedup']:.2f}x"
+              + (f", graph {r['graph']['tokens_per_s']:.0f} tok/s ({r['speedup_graph']:.2f}x)" if "graph" in r else "")
+              + f" (same hypotheses: {r['same_output']})"); continue
     if "config" not in r or "ours" not in r:
         print(line.strip()[:300]); continue
     ms = "  ".join(f"{k} {r[k]['ms_per_step']:.2f} ms" for k in ("ours", "ours_graph", "torch") if k in r)

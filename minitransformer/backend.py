@@ -256,18 +256,22 @@ def set_fused(enabled):
     return previous
 
 
-def top_k(scores, k):
+def top_k(scores, k, capturable=False):
     """Column indices ``(rows, k)`` of the ``k`` largest entries of each row of a 2-D array, best
     first, ties to the lower index (beam search's candidates).
 
     NumPy partitions once and sorts the ``k``; CuPy's ``argpartition`` sorts whole rows, so on the
     GPU a small ``k`` takes ``k`` rounds of ``argmax`` (first index on ties) over a working copy,
-    and a large one a stable sort. All three give the same indices for finite scores (past the
-    last finite one of a row, ``argmax`` may repeat an index: beam search stops at -inf).
+    and a large one a stable sort — unless ``capturable`` (a step a CUDA graph will record, and its
+    eager run before: plain kernels are known to record, a sort through Thrust is not). All three
+    give the same indices for finite scores (past the last finite one of a row, ``argmax`` may
+    repeat an index: beam search stops at -inf).
     """
     if device_of(scores) != "cuda":
         return _top_k_partition(scores, k)
-    return _top_k_argmax(scores, k) if k <= 16 else _cupy.argsort(-scores, axis=1)[:, :k]
+    if k <= 16 or capturable:
+        return _top_k_argmax(scores, k)
+    return _cupy.argsort(-scores, axis=1)[:, :k]
 
 
 def _top_k_partition(scores, k):

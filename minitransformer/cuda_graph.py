@@ -33,6 +33,63 @@ from .optim import Adam
 from .train import train_step
 
 
+def record(stream, blas, what, hint, fn):
+    """Record ``fn()`` on ``stream`` as a CUDA graph — the GPU runs nothing yet — and return
+    ``(graph, capture, fn's result)``. Call it under the allocator the replays will use, after an
+    eager run of ``fn`` on it (which compiles the kernels and gives the pool its blocks: the
+    device cannot allocate while it records)."""
+    capture = Capture(stream, blas)
+    stream.synchronize()                    # earlier work is done before recording starts
+    previous = backend.set_capture(capture)
+    stream.begin_capture()
+    try:
+        result = fn()
+    except BaseException:
+        try:
+            stream.end_capture()            # end it before the device is touched again
+        except Exception:  # noqa: BLE001  (an invalidated capture also errors here)
+            pass
+        raise
+    finally:
+        backend.set_capture(previous)
+    try:
+        graph = stream.end_capture()
+    except Exception as e:
+        raise RuntimeError(f"{what}: capturing the step as a CUDA graph failed ({e}); {hint}") from e
+    return graph, capture, result
+
+
+class CapturedStep:
+    """``step()`` — work on device arrays only, updating them in place, the same every call — run
+    eagerly the first time, then recorded once and replayed as one CUDA graph (decoding: a beam
+    search step over a fixed-size cache, ``decode.beam_search(cuda_graph=True)``).
+
+    The arrays the step keeps must exist before the first call or be made by it (those stay
+    alive); what it allocates and drops comes from a private pool that only its replays use.
+    """
+
+    def __init__(self, step, what="CapturedStep"):
+        cp = backend.cupy()
+        self.step, self.what = step, what
+        self.stream = cp.cuda.Stream()      # blocking: ordered with the default stream the rest uses
+        self.pool = cp.cuda.MemoryPool()
+        self.blas = Blas(self.stream)
+        self.graph = None
+        self.calls = 0
+
+    def __call__(self):
+        cp = backend.cupy()
+        with cp.cuda.using_allocator(self.pool.malloc), self.stream:
+            if self.calls == 0:
+                self.step()
+            else:
+                if self.graph is None:
+                    self.graph, self.capture, _ = record(self.stream, self.blas, self.what,
+                                                         f"call {self.what} without cuda_graph", self.step)
+                self.graph.launch(self.stream)
+        self.calls += 1
+
+
 @dataclass
 class _Graph:
     graph: object               # cupy.cuda.Graph
@@ -126,34 +183,20 @@ class CudaGraphStep:
         cp = backend.cupy()
         inputs = (cp.empty(src_shape, dtype=cp.int64), cp.empty(tgt_shape, dtype=cp.int64),
                   cp.empty(tgt_shape, dtype=cp.int64))
-        capture = Capture(self.stream, self.blas)
         opt, schedule = self.optimizer, self.schedule
         saved = (opt.step_count, opt.lr, schedule.step_count if schedule is not None else None)
         seed = backend.random_state()["seed"]
         with cp.cuda.using_allocator(self.pool.malloc), self.stream:
-            self.stream.synchronize()           # the eager step's work is done before recording starts
-            previous = backend.set_capture(capture)
-            self.stream.begin_capture()
             try:
-                loss = train_step(self.model, opt, schedule, Batch(*inputs, None), self.label_smoothing,
-                                  self.clip_norm)
-            except BaseException:
-                try:
-                    self.stream.end_capture()   # end it before the device is touched again
-                except Exception:  # noqa: BLE001  (an invalidated capture also errors here)
-                    pass
-                raise
+                graph, capture, loss = record(
+                    self.stream, self.blas, "CudaGraphStep", "train without --cuda-graph",
+                    lambda: train_step(self.model, opt, schedule, Batch(*inputs, None), self.label_smoothing,
+                                       self.clip_norm))
             finally:
-                backend.set_capture(previous)
                 opt.step_count, opt.lr = saved[0], saved[1]
                 if schedule is not None:
                     schedule.step_count = saved[2]
                 opt.zero_grad()                 # the captured gradients are the graph's, not the user's
-            try:
-                graph = self.stream.end_capture()
-            except Exception as e:
-                raise RuntimeError(f"CudaGraphStep: capturing the step failed ({e}); "
-                                   "train without --cuda-graph") from e
         self.captures += 1
         return _Graph(graph, inputs, loss, capture, capture.numbers, seed)
 

@@ -72,10 +72,15 @@ def length_penalty(length, alpha):
 
 
 def _reorder_cache(cache, rows):
-    """Keep, for every beam slot, the self-attention keys/values of the hypothesis it extends."""
+    """Keep, for every beam slot, the self-attention keys/values of the hypothesis it extends
+    (a fixed-size cache in place, in the same buffers)."""
     for layer in cache["layers"]:
         for name in ("k", "v"):
-            layer["self"][name] = Tensor(layer["self"][name].data[rows])
+            kept = layer["self"][name]
+            if isinstance(kept, Tensor):
+                layer["self"][name] = Tensor(kept.data[rows])
+            else:
+                kept[...] = kept[rows]
 
 
 class _EndedHypotheses:
@@ -90,13 +95,13 @@ class _EndedHypotheses:
         self.tokens = xp.zeros((B, 2 * K + 1, max_len), dtype=np.int64)
         self.count = xp.zeros(B, dtype=np.int64)
 
-    def add(self, keep, slot, scores, tokens):
-        """Where ``keep (B, n)``, hypothesis ``j`` of sentence ``b`` (``scores (B, n)``, ``tokens
-        (B, n, length)``) goes to slot ``slot[b, j]``."""
+    def add(self, keep, slot, scores, tokens, length):
+        """Where ``keep (B, n)``, hypothesis ``j`` of sentence ``b`` (``scores (B, n)``, its first
+        ``length`` of ``tokens (B, n, max_len)``) goes to slot ``slot[b, j]``."""
         at = self.xp.where(keep, slot, -1)
         self.scores[self.batch, at] = scores
-        self.lengths[self.batch, at] = tokens.shape[-1]
-        self.tokens[self.batch, at, :tokens.shape[-1]] = tokens
+        self.lengths[self.batch, at] = length
+        self.tokens[self.batch, at] = tokens
         self.count += keep.sum(axis=1)
 
     def best(self):
@@ -108,8 +113,81 @@ class _EndedHypotheses:
         return [tokens[b, :lengths[b]].tolist() for b in range(B)], scores.tolist()
 
 
+class _Beams:
+    """Beam search's state, on the model's device, in buffers of fixed size that every step updates
+    in place (the step number too): a step is the same work on the same memory each time, so
+    on a GPU it can be captured once as a CUDA graph and replayed."""
+
+    def __init__(self, xp, B, K, steps, bos_id, eos_id, alpha, limits, capturable=False):
+        self.xp, self.K, self.eos_id, self.alpha, self.limits = xp, K, eos_id, alpha, limits
+        self.capturable = capturable                 # only kernels a CUDA graph can record
+        self.history = xp.full((B * K, steps + 1), bos_id, dtype=np.int64)  # bos, then one token a step
+        self.last = self.history[:, :1].copy()       # each hypothesis' newest token (the cached model's input)
+        self.step_number = xp.zeros((), dtype=np.int64)
+        self.scores = xp.full((B, K), -np.inf)       # log P of each live hypothesis
+        self.scores[:, 0] = 0.0                      # all beams start identical: expand only one
+        self.ended = _EndedHypotheses(xp, B, K, steps)
+        self.done = xp.zeros(B, dtype=bool)
+        self.rows = xp.arange(B * K)                 # the row each slot continues (caches follow it)
+        # made once: step() is the hot path
+        self.batch, self.own_rows = xp.arange(B)[:, None], xp.arange(B * K).reshape(B, K)
+        self.rank_of, self.k = xp.arange(2 * K), xp.arange(K)
+        self.columns = xp.arange(steps + 1)
+
+    def step(self, logp):
+        """Extend every live hypothesis by the next-token log-probabilities ``logp (B·K, V)``.
+
+        Per sentence, go down the 2K best candidates (2K always holds K that are not eos) in
+        order: an eos among the first K ends a hypothesis while fewer than K have ended, and the
+        first K others continue. Done for all sentences at once with running counts (``cumsum``)
+        instead of a loop; ``tests/test_decode.py`` checks it against that loop.
+        """
+        xp, K, eos_id, ended = self.xp, self.K, self.eos_id, self.ended
+        B, batch, own_rows = len(self.done), self.batch, self.own_rows
+        V = logp.shape[1]
+        n = min(2 * K, K * V)
+        candidates = (self.scores[:, :, None] + logp.reshape(B, K, V)).reshape(B, K * V)
+        top = backend.top_k(candidates, n, self.capturable)     # (B, n), best first
+        top_scores = xp.take_along_axis(candidates, top, axis=1)
+        beam, token = top // V, top % V
+        active = ~self.done[:, None]
+        finite = xp.isfinite(top_scores)     # sorted: past the first -inf all are -inf
+        length = self.step_number + 1        # of a hypothesis chosen now (an eos counts)
+        lp = length_penalty(length, self.alpha)
+
+        # an eos among the K best ends its hypothesis, while fewer than K have ended
+        ends = finite & (token == eos_id) & (self.rank_of[:n] < K)
+        count = ended.count[:, None] + xp.cumsum(ends, axis=1, dtype=np.int64)  # ended so far, this one included
+        ended.add(ends & active & (count <= K), count - 1, top_scores / lp, self.history[batch * K + beam, 1:],
+                  self.step_number)
+
+        # the first K others go on, in rank order (column K of these: a dummy for the rest)
+        goes_on = finite & (token != eos_id)
+        rank = xp.cumsum(goes_on, axis=1, dtype=np.int64) - 1
+        at = xp.where(goes_on & (rank < K), rank, K)
+        new_rows = xp.concatenate([own_rows, own_rows[:, :1]], axis=1)
+        new_tokens = xp.full((B, K + 1), eos_id, dtype=np.int64)
+        new_scores = xp.full((B, K + 1), -np.inf)
+        new_rows[batch, at], new_tokens[batch, at], new_scores[batch, at] = batch * K + beam, token, top_scores
+        rows = xp.where(active, new_rows[:, :K], own_rows).reshape(-1)   # finished sentences keep theirs
+        next_tokens = xp.where(active, new_tokens[:, :K], eos_id).reshape(-1, 1)
+        self.scores[...] = xp.where(active, new_scores[:, :K], self.scores)
+        self.history[...] = self.history[rows]
+        xp.copyto(self.history, next_tokens, where=self.columns == length)
+
+        # out of length: the live hypotheses end too, after the eos ones
+        out_of_length = ~self.done & (length >= self.limits)
+        alive = xp.minimum(goes_on.sum(axis=1), K)[:, None]
+        ended.add(out_of_length[:, None] & (self.k < alive), ended.count[:, None] + self.k, self.scores / lp,
+                  self.history[:, 1:].reshape(B, K, -1), length)
+        self.done |= out_of_length | (ended.count >= K)
+        self.last[...] = next_tokens
+        self.rows[...] = rows
+        self.step_number += 1
+
+
 def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_a=1.0, max_len_b=50,
-                use_cache=True, return_scores=False):
+                use_cache=True, fixed_cache=False, cuda_graph=False, return_scores=False):
     """Beam search (§6.1: beam 4, α = 0.6, max length = source length + 50).
 
     Keeps ``beam_size`` live hypotheses per sentence, ranked by total log-probability; a
@@ -118,14 +196,19 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
     live hypotheses are scored too). Returns the best hypothesis per sentence (a list of
     token-id lists, no bos/eos); with ``return_scores`` also their normalised scores.
 
-    Each step, per sentence, goes down the 2K best candidates (K = beam size; 2K always holds K
-    that are not eos) in order: an eos among the first K ends a hypothesis while fewer than K
-    have ended, and the first K others continue. This is done for all sentences at once with
-    running counts (``cumsum``) instead of a loop; ``tests/test_decode.py`` checks it against
-    that loop and against exhaustive search.
+    ``use_cache=False`` re-runs the decoder on every prefix (the reference). ``fixed_cache``
+    preallocates the key/value cache for the longest output (``Transformer.new_cache(batch,
+    max_len)``), so that every step is the same work on the same memory; ``cuda_graph`` (GPU,
+    implies ``fixed_cache``) then captures one whole step — decoder, top-k, bookkeeping — as a
+    CUDA graph and replays it (``cuda_graph.CapturedStep``). All three give the same hypotheses.
     """
     if beam_size < 1:
         raise ValueError(f"beam_search: beam_size must be >= 1, got {beam_size}")
+    fixed_cache = fixed_cache or cuda_graph
+    if fixed_cache and not use_cache:
+        raise ValueError("beam_search: fixed_cache and cuda_graph need the key/value cache (use_cache=True)")
+    if cuda_graph and model.device != "cuda":
+        raise ValueError(f"beam_search: cuda_graph needs the model on the GPU, it is on {model.device}")
     src_ids, limits = _length_limits(src_ids, model.pad_id, max_len_a, max_len_b)
     B, K, steps = len(src_ids), beam_size, max(0, int(limits.max()))
     was_training = model.training
@@ -133,56 +216,29 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
     with no_grad():
         memory, src_mask = model.encode(np.repeat(src_ids, K, axis=0))     # (B·K, S, d_model)
         xp = backend.get_array_module(memory.data)
+        if cuda_graph and not backend.fused(memory.data):
+            raise RuntimeError("beam_search: cuda_graph needs the fused kernels (they are off: "
+                               "MINITRANSFORMER_FUSED=0 or backend.set_fused(False))")
         limits = backend.to_device(limits, backend.device_of(memory.data))
-        cache = model.new_cache() if use_cache else None
-        tokens = xp.full((B * K, 1), bos_id, dtype=np.int64)               # bos + each hypothesis
-        scores = xp.full((B, K), -np.inf)                                  # log P of each hypothesis
-        scores[:, 0] = 0.0                       # all beams start identical: expand only one
-        ended = _EndedHypotheses(xp, B, K, steps + 1)
-        done = xp.zeros(B, dtype=bool)
-        batch, own_rows = xp.arange(B)[:, None], xp.arange(B * K).reshape(B, K)
-        rank_of, k = xp.arange(2 * K), xp.arange(K)      # made once: the loop below is the hot path
-        for step in range(steps):
-            logp = _step_logprobs(model, tokens, memory, src_mask, cache)   # (B·K, V)
-            V = logp.shape[1]
-            n = min(2 * K, K * V)
-            candidates = (scores[:, :, None] + logp.reshape(B, K, V)).reshape(B, K * V)
-            top = backend.top_k(candidates, n)                      # (B, n), best first
-            top_scores = xp.take_along_axis(candidates, top, axis=1)
-            beam, token = top // V, top % V
-            active = ~done[:, None]
-            finite = xp.isfinite(top_scores)     # sorted: past the first -inf all are -inf
-            lp = length_penalty(step + 1, alpha)
+        beams = _Beams(xp, B, K, steps, bos_id, eos_id, alpha, limits, capturable=cuda_graph)
+        cache = None
+        if use_cache:
+            cache = model.new_cache(B * K, max(steps, 1)) if fixed_cache else model.new_cache()
+        prefix = 0
 
-            # an eos among the K best ends its hypothesis, while fewer than K have ended
-            ends = finite & (token == eos_id) & (rank_of[:n] < K)
-            count = ended.count[:, None] + xp.cumsum(ends, axis=1, dtype=np.int64)  # ended so far, this one included
-            ended.add(ends & active & (count <= K), count - 1, top_scores / lp, tokens[batch * K + beam, 1:])
-
-            # the first K others go on, in rank order (column K of these: a dummy for the rest)
-            goes_on = finite & (token != eos_id)
-            rank = xp.cumsum(goes_on, axis=1, dtype=np.int64) - 1
-            at = xp.where(goes_on & (rank < K), rank, K)
-            new_rows = xp.concatenate([own_rows, own_rows[:, :1]], axis=1)
-            new_tokens = xp.full((B, K + 1), eos_id, dtype=np.int64)
-            new_scores = xp.full((B, K + 1), -np.inf)
-            new_rows[batch, at], new_tokens[batch, at], new_scores[batch, at] = batch * K + beam, token, top_scores
-            rows = xp.where(active, new_rows[:, :K], own_rows)    # finished sentences keep their rows
-            next_tokens = xp.where(active, new_tokens[:, :K], eos_id)
-            scores = xp.where(active, new_scores[:, :K], scores)
-
-            # out of length: the live hypotheses end too, after the eos ones
-            out_of_length = ~done & (step + 1 >= limits)
-            alive = xp.minimum(goes_on.sum(axis=1), K)[:, None]
-            ended.add(out_of_length[:, None] & (k < alive), ended.count[:, None] + k, scores / lp,
-                      xp.concatenate([tokens[rows, 1:], next_tokens[:, :, None]], axis=2))
-            done |= out_of_length | (ended.count >= K)
-            if bool(done.all()):
-                break
-            rows = rows.reshape(-1)
-            tokens = xp.concatenate([tokens[rows], next_tokens.reshape(-1, 1)], axis=1)
+        def step():
+            tokens = beams.last if cache is not None else beams.history[:, :prefix + 1]
+            beams.step(_step_logprobs(model, tokens, memory, src_mask, cache))
             if cache is not None:
-                _reorder_cache(cache, rows)
-        hyps, best_scores = ended.best()
+                _reorder_cache(cache, beams.rows)
+
+        if cuda_graph:
+            from .cuda_graph import CapturedStep
+            step = CapturedStep(step, "beam_search")
+        for prefix in range(steps):
+            step()
+            if bool(beams.done.all()):
+                break
+        hyps, best_scores = beams.ended.best()
     model.train(was_training)
     return (hyps, best_scores) if return_scores else hyps

@@ -226,7 +226,7 @@ class BigramLM:
     def encode(self, src_ids):
         return mt.tensor(np.zeros((len(src_ids), src_ids.shape[1], 1))), None
 
-    def new_cache(self):
+    def new_cache(self, batch=None, max_len=None):     # fixed-size or growing: nothing to keep
         return {"length": 0, "layers": []}
 
     def decode(self, tgt_ids, memory, src_mask, cache=None):
@@ -387,18 +387,21 @@ def loop_beam_search(model, src_ids, bos_id, eos_id, beam_size, alpha=0.6, max_l
     return [h for _, h in best], [s for s, _ in best]
 
 
+@pytest.mark.parametrize("fixed_cache", [False, True])
 @pytest.mark.parametrize("beam_size", [1, 2, 3, 5])
-def test_beam_search_equals_the_per_sentence_loop(model, src, beam_size):
+def test_beam_search_equals_the_per_sentence_loop(model, src, beam_size, fixed_cache):
     for alpha, max_len_a, max_len_b in [(0.6, 1.0, 4), (0.0, 0.5, 1), (1.5, 1.0, 8)]:
         hyps, scores = beam_search(model, src, BOS_ID, EOS_ID, beam_size, alpha, max_len_a, max_len_b,
-                                   return_scores=True)
+                                   fixed_cache=fixed_cache, return_scores=True)
         ref_hyps, ref_scores = loop_beam_search(model, src, BOS_ID, EOS_ID, beam_size, alpha, max_len_a, max_len_b)
         assert hyps == ref_hyps, (alpha, max_len_a, max_len_b)
-        np.testing.assert_allclose(scores, ref_scores, rtol=1e-12)
+        # the same log-probabilities, except that a fixed-size cache's attention also adds the
+        # masked positions' zeros (float32 rounding; tests below check it exactly in float64)
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-5 if fixed_cache else 1e-12)
 
 
-@pytest.mark.parametrize("use_cache", [True, False])
-def test_beam_search_equals_the_loop_when_many_hypotheses_end(rng, use_cache):
+@pytest.mark.parametrize("use_cache, fixed_cache", [(True, False), (True, True), (False, False)])
+def test_beam_search_equals_the_loop_when_many_hypotheses_end(rng, use_cache, fixed_cache):
     """Tables where eos is likely: hypotheses end at different steps, an eos often ranks below
     the K best (and must not end a hypothesis), and sentences fill their K ended slots early."""
     V = 9
@@ -408,11 +411,54 @@ def test_beam_search_equals_the_loop_when_many_hypotheses_end(rng, use_cache):
         table[:, EOS_ID] += rng.uniform(-0.5, 2.5)
         for K in (1, 2, 3, 6):
             hyps, scores = beam_search(BigramLM(table), src, BOS_ID, EOS_ID, K, 0.6, 1.0, 3,
-                                       use_cache=use_cache, return_scores=True)
+                                       use_cache=use_cache, fixed_cache=fixed_cache, return_scores=True)
             ref_hyps, ref_scores = loop_beam_search(BigramLM(table), src, BOS_ID, EOS_ID, K, 0.6, 1.0, 3,
                                                     use_cache=use_cache)
             assert hyps == ref_hyps, (trial, K)
             np.testing.assert_allclose(scores, ref_scores, rtol=1e-12)
+
+
+# ---- the fixed-size cache (what a CUDA graph replays) ---------------------------------------------
+
+@pytest.mark.parametrize("variant", [{}, dict(norm_first=True, learned_positions=True, share_embeddings=False)])
+def test_a_fixed_size_cache_gives_the_logits_of_the_whole_prefix(rng, device, variant):
+    """Step by step over preallocated buffers (float64) = the decoder run on the whole prefix."""
+    mt.set_default_dtype("float64")         # (the conftest fixture puts it back)
+    model = Transformer(**CONFIG, **variant).to(device)
+    src, tgt = rng.integers(4, VOCAB, size=(3, 7)), rng.integers(4, VOCAB, size=(3, 9))
+    with no_grad():
+        memory, src_mask = model.encode(src)
+        full = backend.to_numpy(model.decode(tgt, memory, src_mask).data)
+        cache = model.new_cache(3, 12)      # more positions than used: the rest stay masked out
+        steps = [backend.to_numpy(model.decode(tgt[:, i:i + 1], memory, src_mask, cache).data) for i in range(9)]
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, rtol=1e-10, atol=1e-12)
+    assert int(cache["position"]) == 9 and cache["layers"][0]["self"]["k"].shape == (3, 2, 12, 16)
+
+
+def test_a_fixed_size_cache_refuses_what_it_cannot_hold(rng):
+    model = Transformer(**CONFIG)
+    memory, src_mask = model.encode(rng.integers(4, VOCAB, size=(2, 5)))
+    cache = model.new_cache(2, 2)
+    with pytest.raises(ValueError, match=r"one token per step .* \(2, 1\), got \(2, 2\)"):
+        model.decode(np.full((2, 2), BOS_ID), memory, src_mask, cache)
+    with pytest.raises(ValueError, match=r"\(2, 1\), got \(3, 1\)"):
+        model.decode(np.full((3, 1), BOS_ID), memory, src_mask, cache)
+    for _ in range(2):
+        model.decode(np.full((2, 1), BOS_ID), memory, src_mask, cache)
+    with pytest.raises(ValueError, match="holds 2 positions and all are used"):
+        model.decode(np.full((2, 1), BOS_ID), memory, src_mask, cache)
+    with pytest.raises(ValueError, match="max_len=65 passes the model's max_len=64"):
+        model.new_cache(2, 65)
+    with pytest.raises(ValueError, match="batch >= 1 and max_len >= 1"):
+        model.new_cache(2)
+
+
+def test_cuda_graph_decoding_is_refused_where_it_cannot_run(src):
+    model = Transformer(**CONFIG)
+    with pytest.raises(ValueError, match="cuda_graph needs the model on the GPU, it is on cpu"):
+        beam_search(model, src, BOS_ID, EOS_ID, cuda_graph=True)
+    with pytest.raises(ValueError, match="need the key/value cache"):
+        beam_search(model, src, BOS_ID, EOS_ID, use_cache=False, fixed_cache=True)
 
 
 # ---- top-k (beam search's candidates) ------------------------------------------------------------
@@ -425,7 +471,8 @@ def test_top_k_variants_agree_best_first_ties_to_the_lower_index(rng, device):
     scores[2, 3:] = -np.inf                                        # only 3 finite
     expected = np.lexsort((np.broadcast_to(np.arange(40), scores.shape), -scores), axis=1)
     for k in (1, 3, 8, 40):
-        for top in (backend.top_k(xp.asarray(scores), k), backend._top_k_argmax(xp.asarray(scores), k),
+        for top in (backend.top_k(xp.asarray(scores), k), backend.top_k(xp.asarray(scores), k, capturable=True),
+                    backend._top_k_argmax(xp.asarray(scores), k),
                     backend._top_k_partition(scores, k)):
             top = backend.to_numpy(top)
             assert top.shape == (7, k)

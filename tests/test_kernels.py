@@ -402,3 +402,60 @@ def test_replays_keep_their_host_constants_when_later_copies_reuse_cupys_pinned_
         for shape in [(), (1,), (8, 8), ()] * 5:      # what CuPy's pinned staging hands out next
             cp.asarray(rng.standard_normal(shape) * 1e3)
     np.testing.assert_allclose(losses, eager, rtol=2e-5)
+
+
+# ---- decoding as a CUDA graph (decode.beam_search(cuda_graph=True)) --------------------------------
+
+def test_a_captured_step_replays_in_place_work_without_waiting_for_the_gpu(rng):
+    """``CapturedStep``: the first call eager, the second recorded and launched, later calls
+    launched; each call is a new step (a product through our cuBLAS handle and in-place updates)."""
+    import cupyx
+    from minitransformer.cuda_graph import CapturedStep
+    cp = backend.cupy()
+    W = rng.standard_normal((16, 16)) / 4
+    x, count = cp.asarray(rng.standard_normal((8, 16))), cp.zeros((), dtype=cp.int64)
+
+    W_gpu = cp.asarray(W)
+
+    def step():
+        x[...] = cp.tanh(kernels.matmul(x, W_gpu)) + count
+        count[...] += 1
+
+    expected, e = [], backend.to_numpy(x).copy()
+    for i in range(6):
+        e = np.tanh(e @ W) + i
+        expected.append(e)
+    captured = CapturedStep(step)
+    got = []
+    for i in range(6):
+        if i < 2:
+            captured()
+        else:
+            with cupyx.allow_synchronize(False):
+                captured()
+        got.append(backend.to_numpy(x).copy())
+    assert captured.graph is not None and captured.calls == 6 and int(count) == 6
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("beam_size, max_len_b", [(1, 5), (4, 12), (5, 3), (9, 4)])   # 9: top-18 by argmax rounds
+def test_beam_search_replayed_as_a_cuda_graph_gives_the_eager_hypotheses(rng, beam_size, max_len_b):
+    """The captured step (decoder over a fixed-size cache, top-k, bookkeeping) replayed: the same
+    hypotheses and scores as the same step run eagerly, and as the growing cache. The eos logit is
+    scaled so that sentences end at different steps."""
+    from minitransformer.data import BOS_ID, EOS_ID, collate
+    from minitransformer.decode import beam_search
+    mt.manual_seed(5)
+    model = mt.nn.Transformer(vocab_size=60, d_model=32, num_heads=4, num_layers=2, d_ff=64, dropout=0.0,
+                              share_embeddings=False).to("cuda")
+    model.generator.weight.data[EOS_ID] *= 1.5
+    seqs = [rng.integers(4, 60, size=rng.integers(3, 9)).tolist() for _ in range(10)]
+    src = collate(seqs, seqs).src
+    results = {name: beam_search(model, src, BOS_ID, EOS_ID, beam_size, max_len_b=max_len_b, return_scores=True,
+                                 **kw)
+               for name, kw in [("graph", dict(cuda_graph=True)), ("fixed", dict(fixed_cache=True)), ("grow", {})]}
+    lengths = {len(h) for h in results["graph"][0]}
+    assert len(lengths) > 1, lengths
+    for name in ("fixed", "grow"):
+        assert results["graph"][0] == results[name][0], name
+        np.testing.assert_allclose(results["graph"][1], results[name][1], rtol=2e-5, err_msg=name)

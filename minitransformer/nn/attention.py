@@ -7,6 +7,7 @@ The h heads are computed at once: ``q_proj`` maps d_model to h·d_k, which is re
 the rest, and the weights of the last call are kept at ``.attention_weights`` for plotting.
 """
 from .. import functional as F
+from ..tensor import Tensor
 from .layers import Linear
 from .module import Module
 
@@ -38,7 +39,9 @@ class MultiHeadAttention(Module):
 
         ``cache`` (a dict, decoding only) keeps this layer's keys and values: with
         ``static_kv=True`` (cross-attention) they are computed from the encoder output once and
-        reused; otherwise (decoder self-attention) each step's new keys and values are appended.
+        reused; otherwise (decoder self-attention) each step's new keys and values are appended,
+        or, in a fixed-size cache (``Transformer.new_cache(batch, max_len)``), written in place
+        at the step's position (``cache["slot"]``) of preallocated ``(B, h, max_len, d_k)`` buffers.
         """
         if query.shape[-1] != self.d_model:
             raise ValueError(f"MultiHeadAttention: query's last axis must be d_model={self.d_model}, "
@@ -46,6 +49,10 @@ class MultiHeadAttention(Module):
         q = self.split_heads(self.q_proj(query))
         if cache is not None and static_kv and "k" in cache:
             k, v = cache["k"], cache["v"]
+        elif cache is not None and "slot" in cache:      # fixed size: same buffers every step
+            for name, proj, x in (("k", self.k_proj, key), ("v", self.v_proj, value)):
+                q.xp.copyto(cache[name], self.split_heads(proj(x)).data, where=cache["slot"])
+            k, v = Tensor(cache["k"]), Tensor(cache["v"])
         else:
             k = self.split_heads(self.k_proj(key))
             v = self.split_heads(self.v_proj(value))

@@ -113,7 +113,8 @@ class PositionalEncoding(Module):
     """Adds position information to the (scaled) embeddings, then dropout (§3.5, §5.4).
 
     ``learned=False`` is the paper's sinusoid; ``learned=True`` is the learned-embedding
-    variant of Table 3 row (E). ``offset`` is the first position (decoding step by step).
+    variant of Table 3 row (E). ``offset`` is the first position (decoding step by step): an int,
+    or a 0-d integer array on the model's device.
     """
 
     def __init__(self, d_model, max_len=512, dropout=0.1, learned=False):
@@ -128,6 +129,12 @@ class PositionalEncoding(Module):
 
     def forward(self, x, offset=0):                          # (B, T, d_model)
         T = x.shape[1]
+        if backend.is_array(offset):
+            # a position held on the device (a fixed-size decoding cache, which checks its length
+            # against max_len once): looked up by index, so a captured step reads it at every replay
+            positions = F.embedding(offset.reshape(1) + backend.get_array_module(offset).arange(T),
+                                    self.weight if self.learned else self.pe)
+            return self.dropout(x + positions)
         if offset + T > self.max_len:
             raise ValueError(f"PositionalEncoding: positions up to {offset + T} requested but "
                              f"max_len is {self.max_len}; build the model with a larger max_len")

@@ -178,7 +178,9 @@ class Transformer(Module):
         tgt_ids = self._ids(tgt_ids, "tgt_ids")
         T = tgt_ids.shape[1]
         offset = cache["length"] if cache is not None else 0
-        if cache is None:
+        if cache is not None and "position" in cache:
+            offset, tgt_mask = self._fixed_cache_step(cache, tgt_ids.shape), cache["valid"]
+        elif cache is None:
             xp = backend.get_array_module(tgt_ids)      # ids on the GPU: the mask is made there too
             tgt_mask = self._mask(causal_mask(T, xp)[None, None] & padding_mask(tgt_ids, self.pad_id))
         else:   # the new tokens see every cached one, and each other causally
@@ -186,13 +188,60 @@ class Transformer(Module):
             cache["length"] += T
         y = self.embed(tgt_ids, self.tgt_embedding or self.embedding, offset)
         y = self.decoder(y, memory, tgt_mask, src_mask, cache["layers"] if cache is not None else None)
+        if cache is not None and "position" in cache:
+            cache["position"] += 1                              # in place: the next step reads it there
         if self.generator is not None:
             return self.generator(y)
         return F.linear(y, self.embedding.weight)             # tied pre-softmax projection (§3.4)
 
-    def new_cache(self):
-        """An empty key/value cache for step-by-step decoding."""
-        return {"length": 0, "layers": [{"self": {}, "cross": {}} for _ in self.decoder.layers]}
+    def new_cache(self, batch=None, max_len=None):
+        """An empty key/value cache for step-by-step decoding.
+
+        By default it grows by one position per step. With ``batch`` and ``max_len`` it is
+        fixed-size: each decoder layer's self-attention keys and values are preallocated
+        ``(batch, h, max_len, d_k)`` buffers, a step writes one position of them in place and
+        attends to the positions written so far (the rest are masked out), and the position is a
+        number on the model's device. Every step then runs the same kernels on the same memory,
+        which is what a CUDA graph replays (``decode.beam_search(cuda_graph=True)``).
+        """
+        layers = [{"self": {}, "cross": {}} for _ in self.decoder.layers]
+        if batch is None and max_len is None:
+            return {"length": 0, "layers": layers}
+        if batch is None or max_len is None or batch < 1 or max_len < 1:
+            raise ValueError(f"new_cache: a fixed-size cache needs batch >= 1 and max_len >= 1, "
+                             f"got batch={batch}, max_len={max_len}")
+        if max_len > self.config.max_len:
+            raise ValueError(f"new_cache: max_len={max_len} passes the model's max_len={self.config.max_len} "
+                             "(the positional encoding's length)")
+        xp, weight = backend.xp_for(self.device), self.embedding.weight
+        h = self.config.num_heads
+        slots = xp.arange(max_len)
+        slot = xp.zeros((max_len, 1), dtype=bool)     # the position a step writes (its keys, values)
+        for layer in layers:
+            layer["self"] = {"k": xp.zeros((batch, h, max_len, self.d_model // h), dtype=weight.dtype),
+                             "slot": slot}
+            layer["self"]["v"] = xp.zeros_like(layer["self"]["k"])
+        return {"length": 0, "layers": layers, "position": xp.zeros((), dtype=np.int64), "slots": slots,
+                "slot": slot, "valid": xp.zeros((1, 1, 1, max_len), dtype=bool), "batch": batch}
+
+    @staticmethod
+    def _fixed_cache_step(cache, shape):
+        """Mark the position this step writes and the ones it may attend to; returns the position.
+        In place and on the device only, so that a captured step does it at every replay."""
+        if shape != (cache["batch"], 1):
+            raise ValueError(f"Transformer.decode: a fixed-size cache takes one token per step for each of its "
+                             f"{cache['batch']} rows, i.e. tgt_ids of shape ({cache['batch']}, 1), got {shape}")
+        xp = backend.get_array_module(cache["slots"])
+        position = cache["position"]
+        # counted on the host as well, for eager steps (a replayed graph cannot raise; its caller
+        # never replays more steps than the cache holds)
+        if cache["length"] >= len(cache["slots"]):
+            raise ValueError(f"Transformer.decode: the fixed-size cache holds {len(cache['slots'])} "
+                             "positions and all are used")
+        xp.equal(cache["slots"][:, None], position, out=cache["slot"])
+        xp.less_equal(cache["slots"], position, out=cache["valid"].reshape(-1))
+        cache["length"] += 1
+        return position
 
     def forward(self, src_ids, tgt_in_ids):
         memory, src_mask = self.encode(src_ids)
