@@ -33,12 +33,12 @@ from .optim import Adam
 from .train import train_step
 
 
-def record(stream, blas, what, hint, fn):
+def record(stream, capture, what, hint, fn):
     """Record ``fn()`` on ``stream`` as a CUDA graph — the GPU runs nothing yet — and return
-    ``(graph, capture, fn's result)``. Call it under the allocator the replays will use, after an
-    eager run of ``fn`` on it (which compiles the kernels and gives the pool its blocks: the
-    device cannot allocate while it records)."""
-    capture = Capture(stream, blas)
+    ``(graph, fn's result)``; the kernels read ``capture`` (a ``Capture``, made beforehand outside
+    the pool) while recording. Call it under the allocator the replays will use, after an eager run
+    of ``fn`` on it (which compiles the kernels and gives the pool its blocks: the device cannot
+    allocate while it records)."""
     stream.synchronize()                    # earlier work is done before recording starts
     previous = backend.set_capture(capture)
     stream.begin_capture()
@@ -56,7 +56,7 @@ def record(stream, blas, what, hint, fn):
         graph = stream.end_capture()
     except Exception as e:
         raise RuntimeError(f"{what}: capturing the step as a CUDA graph failed ({e}); {hint}") from e
-    return graph, capture, result
+    return graph, result
 
 
 class CapturedStep:
@@ -79,13 +79,15 @@ class CapturedStep:
 
     def __call__(self):
         cp = backend.cupy()
+        if self.calls == 1:
+            self.capture = Capture(self.stream, self.blas)   # kept: the graph reads it at every replay
         with cp.cuda.using_allocator(self.pool.malloc), self.stream:
             if self.calls == 0:
                 self.step()
             else:
                 if self.graph is None:
-                    self.graph, self.capture, _ = record(self.stream, self.blas, self.what,
-                                                         f"call {self.what} without cuda_graph", self.step)
+                    self.graph, _ = record(self.stream, self.capture, self.what,
+                                           f"call {self.what} without cuda_graph", self.step)
                 self.graph.launch(self.stream)
         self.calls += 1
 
@@ -186,10 +188,11 @@ class CudaGraphStep:
         opt, schedule = self.optimizer, self.schedule
         saved = (opt.step_count, opt.lr, schedule.step_count if schedule is not None else None)
         seed = backend.random_state()["seed"]
+        capture = Capture(self.stream, self.blas)
         with cp.cuda.using_allocator(self.pool.malloc), self.stream:
             try:
-                graph, capture, loss = record(
-                    self.stream, self.blas, "CudaGraphStep", "train without --cuda-graph",
+                graph, loss = record(
+                    self.stream, capture, "CudaGraphStep", "train without --cuda-graph",
                     lambda: train_step(self.model, opt, schedule, Batch(*inputs, None), self.label_smoothing,
                                        self.clip_norm))
             finally:

@@ -1,7 +1,8 @@
 """The host side of CUDA-graph capture (minitransformer/cuda_graph.py, kernels/capture.py), which
 runs anywhere: the dropout counter during and after a capture, the per-step numbers Adam hands a
-replay, masks built where the ids are, and clear errors. The captured step itself is tested on the
-GPU (tests/test_kernels.py)."""
+replay, masks built where the ids are, clear errors, and the order in which a step is run eagerly,
+recorded and launched (on a stand-in stream). The captured step itself is tested on the GPU
+(tests/test_kernels.py)."""
 import math
 
 import numpy as np
@@ -73,3 +74,96 @@ def test_the_step_benchmark_refuses_a_cuda_graph_on_the_cpu():
     run = subprocess.run([sys.executable, str(script), "--device", "cpu", "--cuda-graph"],
                          capture_output=True, text=True)
     assert run.returncode != 0 and "--cuda-graph needs --device cuda" in run.stderr
+
+
+# ---- the order of a captured step's calls, with a stand-in for CuPy's stream --------------------
+
+class _FakeStream:
+    """Logs what ``cuda_graph`` asks of a CUDA stream; ``end_capture`` hands out a graph whose
+    ``launch`` is logged too (or fails, as an invalidated capture does)."""
+
+    def __init__(self, fail_end=False):
+        self.log, self.capturing, self.fail_end = [], False, fail_end
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        self.log.append("synchronize")
+
+    def begin_capture(self):
+        self.capturing = True
+        self.log.append("begin")
+
+    def end_capture(self):
+        self.capturing = False
+        self.log.append("end")
+        if self.fail_end:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return _FakeGraph()
+
+
+class _FakeGraph:
+    def launch(self, stream):
+        stream.log.append("launch")
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """``cuda_graph`` on a stand-in CuPy: streams that log, no pool, no cuBLAS."""
+    import contextlib
+    import types
+
+    from minitransformer import cuda_graph
+    streams = []
+
+    def stream(fail_end=False):
+        streams.append(_FakeStream(fail_end))
+        return streams[-1]
+    cuda = types.SimpleNamespace(Stream=stream, MemoryPool=lambda: types.SimpleNamespace(malloc=None),
+                                 using_allocator=lambda malloc: contextlib.nullcontext())
+    monkeypatch.setattr(backend, "cupy", lambda: types.SimpleNamespace(cuda=cuda))
+    monkeypatch.setattr(cuda_graph, "Blas", lambda stream: None)
+    monkeypatch.setattr(cuda_graph, "Capture", lambda stream, blas: _FakeCapture())
+    return streams
+
+
+def test_a_captured_step_runs_eagerly_once_is_recorded_once_then_only_launched(fake_cuda):
+    from minitransformer.cuda_graph import CapturedStep
+    seen = []
+    step = CapturedStep(lambda: seen.append((fake_cuda[0].capturing, backend.capturing() is not None)))
+    for _ in range(4):
+        step()
+    assert seen == [(False, False), (True, True)]          # eager, then recorded; replays run no Python
+    assert fake_cuda[0].log == ["synchronize", "begin", "end", "launch", "launch", "launch"]
+    assert step.calls == 4 and backend.capturing() is None
+
+
+def test_a_step_that_fails_while_recorded_ends_the_capture_and_raises(fake_cuda):
+    from minitransformer.cuda_graph import CapturedStep
+    calls = []
+
+    def step():
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("a host check failed")
+    captured = CapturedStep(step)
+    captured()
+    with pytest.raises(ValueError, match="a host check failed"):
+        captured()
+    assert fake_cuda[0].log == ["synchronize", "begin", "end"]   # ended before anything else touches the GPU
+    assert captured.graph is None and backend.capturing() is None
+
+
+def test_a_capture_the_driver_rejects_names_the_step_and_the_way_out(fake_cuda):
+    from minitransformer import cuda_graph
+    captured = cuda_graph.CapturedStep(lambda: None, "beam_search")
+    captured.stream.fail_end = True
+    captured()
+    with pytest.raises(RuntimeError, match=r"beam_search: capturing the step as a CUDA graph failed "
+                                           r"\(operation not permitted .*\); call beam_search without cuda_graph"):
+        captured()
+    assert backend.capturing() is None
