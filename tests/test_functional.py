@@ -590,6 +590,9 @@ def test_embedding_bad_ids(device, randn):
         F.embedding([1, 10, 2], w)
     with raises(IndexError, "embedding", "-1", "[0, 10)"):
         F.embedding(np.array([[0, -1]]), w)
+    for bad in ([[3, 12], [0, 1]], [[0, -2]]):     # ids already on the weights' device are checked there
+        with raises(IndexError, "embedding", str(np.max(bad) if np.min(bad) >= 0 else np.min(bad)), "[0, 10)"):
+            F.embedding(mt.backend.to_device(np.array(bad), w.device), w)
     with raises(TypeError, "embedding", "integers", "float64"):
         F.embedding(np.array([1.0, 2.0]), w)
     with raises(ValueError, "embedding", "2-D", "(10,)"):

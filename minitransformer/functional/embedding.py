@@ -16,7 +16,10 @@ def check_ids(op, ids, num_classes, what="id"):
         raise TypeError(f"{op}: {what}s must be integers, got dtype {ids.dtype}")
     # A CUDA-graph capture cannot read the GPU: cuda_graph.CudaGraphStep checks each batch on the host.
     if ids.size and not (backend.capturing() and xp is not np):
-        low, high = int(ids.min()), int(ids.max())
+        if xp is np:
+            low, high = int(ids.min()), int(ids.max())
+        else:   # one wait for the GPU, not two
+            low, high = (int(v) for v in backend.to_numpy(xp.stack([ids.min(), ids.max()])))
         if low < 0 or high >= num_classes:
             bad = low if low < 0 else high
             raise IndexError(f"{op}: {what} {bad} is out of range [0, {num_classes})")
