@@ -391,12 +391,20 @@ def _device(name):
     return check_device(name)
 
 
+def _decode_device(args):
+    device = _device(args.device)
+    if args.cuda_graph and device != "cuda":
+        raise UserError("--cuda-graph is a GPU setting (each decoding step replayed as a CUDA graph): "
+                        "use it with --device cuda")
+    return device
+
+
 def cmd_translate(args):
     from .evaluate import translate
-    model, tokenizer, _, _ = load_run(args.checkpoint, _device(args.device))
+    model, tokenizer, _, _ = load_run(args.checkpoint, _decode_device(args))
     texts = args.text if args.text else [line.rstrip("\r\n") for line in sys.stdin]
     for line in translate(model, tokenizer, [t.strip() for t in texts], beam_size=args.beam, alpha=args.alpha,
-                          batch_size=args.batch_size):
+                          batch_size=args.batch_size, cuda_graph=args.cuda_graph):
         print(line, flush=False)
     sys.stdout.flush()
     return 0
@@ -404,7 +412,7 @@ def cmd_translate(args):
 
 def cmd_evaluate(args):
     from .evaluate import bleu
-    model, tokenizer, config, ckpt = load_run(args.checkpoint, _device(args.device))
+    model, tokenizer, config, ckpt = load_run(args.checkpoint, _decode_device(args))
     if "data" not in config:
         raise UserError(f"{args.checkpoint}: config.json has no data settings")
     splits = _splits(config["data"], data=args.data, progress=not args.no_progress)
@@ -414,7 +422,8 @@ def cmd_evaluate(args):
     what = f"{len(pairs)} of {len(splits[args.split])}" if len(pairs) < len(splits[args.split]) \
         else f"all {len(pairs)}"
     print(f"translating {what} {args.split} sentences with beam {args.beam} ({ckpt}) …", file=sys.stderr, flush=True)
-    r = bleu(model, tokenizer, pairs, beam_size=args.beam, batch_size=args.batch_size, progress=not args.no_progress)
+    r = bleu(model, tokenizer, pairs, beam_size=args.beam, batch_size=args.batch_size, progress=not args.no_progress,
+             cuda_graph=args.cuda_graph)
     print(f"BLEU = {r['bleu']:.2f}  ({r['signature']})\nchrF = {r['chrf']:.2f}  ({r['chrf_signature']})\n"
           f"{args.split}: {what} sentences, beam {args.beam}, {ckpt}")
     return 0
@@ -520,6 +529,11 @@ def build_parser():
                        help="run directory (or one .npz checkpoint inside it)")
         q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
 
+    def decode_args(q):
+        q.add_argument("--cuda-graph", action="store_true",
+                       help="GPU: decode over a fixed-size key/value cache and replay each beam-search step as "
+                            "a CUDA graph (one launch a step instead of hundreds)")
+
     tr = sub.add_parser("translate", help="translate sentences with a trained model",
                         description="Translate each TEXT, or each line of standard input; one line out per input.")
     model_args(tr)
@@ -527,6 +541,7 @@ def build_parser():
     tr.add_argument("--beam", type=_positive_int, default=4, help="beam size (1: greedy; default 4)")
     tr.add_argument("--alpha", type=float, default=0.6, help="length penalty α (default 0.6, §6.1)")
     tr.add_argument("--batch-size", type=_positive_int, default=64)
+    decode_args(tr)
     tr.set_defaults(func=cmd_translate)
 
     ev = sub.add_parser("evaluate", help="sacreBLEU and chrF of a trained model on a split",
@@ -539,6 +554,7 @@ def build_parser():
     ev.add_argument("--limit", type=_positive_int, help="score a fixed random sample of N sentences")
     ev.add_argument("--batch-size", type=_positive_int, default=64)
     ev.add_argument("--no-progress", action="store_true")
+    decode_args(ev)
     ev.set_defaults(func=cmd_evaluate)
 
     at = sub.add_parser("attention", help="plot every attention map of one translation",

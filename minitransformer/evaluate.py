@@ -18,7 +18,7 @@ from .tensor import no_grad
 
 
 def translate(model, tokenizer, sentences, beam_size=4, alpha=0.6, batch_size=64, max_len_a=1.0, max_len_b=50,
-              max_src_len=None, progress=False):
+              max_src_len=None, progress=False, cuda_graph=False):
     """Translate ``sentences`` (a list of str); returns one str per sentence, in the same order.
 
     Sentences are sorted by token length and decoded ``batch_size`` at a time, so a batch pads
@@ -26,7 +26,8 @@ def translate(model, tokenizer, sentences, beam_size=4, alpha=0.6, batch_size=64
     otherwise beam search with length penalty ``alpha`` (§6.1: beam 4, α = 0.6). The output is at
     most ``max_len_a · source length + max_len_b`` tokens (§6.1: source length + 50). Sources longer
     than ``max_src_len`` tokens (default: what the model's positional table leaves room for) are
-    cut. An empty sentence translates to an empty string.
+    cut. An empty sentence translates to an empty string. ``cuda_graph`` (GPU): each batch's beam
+    search replays its step as a CUDA graph (``decode.beam_search``; beam 1 too, which equals greedy).
     """
     sentences = [str(s) for s in sentences]
     if beam_size < 1:
@@ -50,11 +51,11 @@ def translate(model, tokenizer, sentences, beam_size=4, alpha=0.6, batch_size=64
         src = np.full((len(chunk), width), model.pad_id, dtype=np.int64)     # (B, S)
         for row, i in enumerate(chunk):
             src[row, :len(ids[i])] = ids[i]
-        if beam_size == 1:
+        if beam_size == 1 and not cuda_graph:
             hyps = greedy_decode(model, src, tokenizer.bos_id, tokenizer.eos_id, max_len_a, max_len_b)
         else:
             hyps = beam_search(model, src, tokenizer.bos_id, tokenizer.eos_id, beam_size, alpha,
-                               max_len_a, max_len_b)
+                               max_len_a, max_len_b, cuda_graph=cuda_graph)
         for i, hyp in zip(chunk, hyps):
             out[i] = tokenizer.decode(hyp)
         if bar is not None:
@@ -83,7 +84,8 @@ def score(hypotheses, references):
             "chrf_signature": str(chrf_metric.get_signature()), "n": len(hypotheses)}
 
 
-def bleu(model, tokenizer, pairs, beam_size=4, alpha=0.6, batch_size=64, num_samples=3, progress=False):
+def bleu(model, tokenizer, pairs, beam_size=4, alpha=0.6, batch_size=64, num_samples=3, progress=False,
+         cuda_graph=False):
     """Translate the sources of ``pairs`` (a list of (source, reference)) and score them.
 
     Returns ``score()``'s dict plus ``beam_size``, ``alpha`` and ``samples``: ``num_samples``
@@ -92,7 +94,8 @@ def bleu(model, tokenizer, pairs, beam_size=4, alpha=0.6, batch_size=64, num_sam
     pairs = list(pairs)
     if not pairs:
         raise ValueError("bleu: no sentence pairs to translate")
-    hyps = translate(model, tokenizer, [s for s, _ in pairs], beam_size, alpha, batch_size, progress=progress)
+    hyps = translate(model, tokenizer, [s for s, _ in pairs], beam_size, alpha, batch_size, progress=progress,
+                     cuda_graph=cuda_graph)
     result = score(hyps, [r for _, r in pairs])
     shown = sorted(set(np.linspace(0, len(pairs) - 1, num_samples).round().astype(int).tolist())) if num_samples else []
     result.update(beam_size=beam_size, alpha=alpha,

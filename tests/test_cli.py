@@ -200,6 +200,12 @@ def test_cuda_graph_is_refused_on_the_cpu(cli, tmp_path):
                       "--cuda-graph", "--device cuda")
 
 
+def test_cuda_graph_decoding_is_refused_on_the_cpu(cli, tmp_path):
+    for command in (["translate", "Hi."], ["evaluate"]):
+        assert_user_error(cli(command[0], "--checkpoint", tmp_path / "run", "--device", "cpu", "--cuda-graph",
+                              *command[1:]), "--cuda-graph", "--device cuda")
+
+
 def test_missing_checkpoint_dir(cli, tmp_path):
     for command in (["translate", "Hi."], ["evaluate"], ["attention", "Hi.", "--out", tmp_path / "a.png"]):
         assert_user_error(cli(command[0], "--checkpoint", tmp_path / "nowhere", *command[1:]), "no such run directory")
