@@ -34,7 +34,7 @@ def _step_logprobs(model, tokens, memory, src_mask, cache):
     if cache is not None:
         logits = model.decode(tokens[:, -1:], memory, src_mask, cache)
     else:
-        logits = model.decode(tokens, memory, src_mask)
+        logits = model.decode(tokens, memory, src_mask, last_only=True)
     logp = F.log_softmax(logits[:, -1, :]).data.astype(np.float64)
     logp[:, model.pad_id] = -np.inf   # never predict padding: the uncached decoder masks pad keys out
     return logp

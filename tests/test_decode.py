@@ -229,8 +229,10 @@ class BigramLM:
     def new_cache(self, batch=None, max_len=None):     # fixed-size or growing: nothing to keep
         return {"length": 0, "layers": []}
 
-    def decode(self, tgt_ids, memory, src_mask, cache=None):
+    def decode(self, tgt_ids, memory, src_mask, cache=None, last_only=False):
         assert tgt_ids.shape[0] == memory.shape[0]
+        if last_only:
+            tgt_ids = np.asarray(tgt_ids)[:, -1:]
         if cache is not None:   # the cached path is handed the newest token only
             assert tgt_ids.shape[1] == 1
             cache["length"] += 1

@@ -385,3 +385,7 @@ def test_kv_cache_decoding_equals_full_decoding(device, rng, norm_first):
         chunks = [model.decode(tgt[:, :3], memory, src_mask, cache).numpy()]
         chunks += [model.decode(tgt[:, t:t + 1], memory, src_mask, cache).numpy() for t in range(3, 6)]
         np.testing.assert_allclose(np.concatenate(chunks, axis=1), expected, rtol=1e-10, atol=1e-10)
+
+        last = model.decode(tgt, memory, src_mask, last_only=True).numpy()   # what uncached decoding uses
+        assert last.shape == (2, 1, SMALL["vocab_size"])
+        np.testing.assert_allclose(last, expected[:, -1:], rtol=1e-10, atol=1e-10)

@@ -169,8 +169,9 @@ class Transformer(Module):
         src_mask = self._mask(padding_mask(src_ids, self.pad_id))
         return self.encoder(self.embed(src_ids, self.embedding), src_mask), src_mask
 
-    def decode(self, tgt_ids, memory, src_mask, cache=None):
-        """``tgt_ids (B, T)`` -> logits ``(B, T, vocab)``.
+    def decode(self, tgt_ids, memory, src_mask, cache=None, last_only=False):
+        """``tgt_ids (B, T)`` -> logits ``(B, T, vocab)``; with ``last_only`` those of the last
+        position, ``(B, 1, vocab)`` (all that decoding without a cache needs of the output projection).
 
         With a ``cache`` (from ``new_cache()``) pass only the newest tokens: earlier keys and
         values are reused instead of recomputed (decoding, §6.1).
@@ -190,6 +191,8 @@ class Transformer(Module):
         y = self.decoder(y, memory, tgt_mask, src_mask, cache["layers"] if cache is not None else None)
         if cache is not None and "position" in cache:
             cache["position"] += 1                              # in place: the next step reads it there
+        if last_only and y.shape[1] > 1:
+            y = y[:, -1:]
         if self.generator is not None:
             return self.generator(y)
         return F.linear(y, self.embedding.weight)             # tied pre-softmax projection (§3.4)
