@@ -92,6 +92,7 @@ for line in open(sys.argv[1]):
         print(f"decode {r['config']:5s} batch {r['batch']:3d} beam {r['beam']}: cached {r['cached']['tokens_per_s']:.0f} "
               f"tok/s, uncached {r['uncached']['tokens_per_s']:.0f} tok/s, KV-cache speed-up {r['speedup']:.2f}x"
               + (f", graph {r['graph']['tokens_per_s']:.0f} tok/s ({r['speedup_graph']:.2f}x)" if "graph" in r else "")
+              + (f", graph FAILED: {r['graph_error']}" if "graph_error" in r else "")
               + f" (same hypotheses: {r['same_output']})"); continue
     if "config" not in r or "ours" not in r:
         print(line.strip()[:300]); continue
