@@ -74,7 +74,7 @@ class CapturedStep:
         self.stream = cp.cuda.Stream()      # blocking: ordered with the default stream the rest uses
         self.pool = cp.cuda.MemoryPool()
         self.blas = Blas(self.stream)
-        self.graph = None
+        self.graph = self.capture = None
         self.calls = 0
 
     def __call__(self):

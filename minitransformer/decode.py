@@ -13,7 +13,8 @@ the chosen hypotheses once at the end.
 Beam search keeps its state in buffers of fixed size, updated in place. With a fixed-size cache
 too (``fixed_cache``: preallocated for the longest output) a step is then the same kernels on the
 same memory every time, and ``cuda_graph=True`` records it once and replays it: on a GPU, where
-a step of a small model is hundreds of launches of tiny kernels, that removes their host cost.
+a step of a small model is well over a hundred launches of tiny kernels (counted from the code),
+that removes their host cost.
 """
 import numpy as np
 
@@ -127,7 +128,6 @@ class _Beams:
         self.xp, self.K, self.eos_id, self.alpha, self.limits = xp, K, eos_id, alpha, limits
         self.capturable = capturable                 # only kernels a CUDA graph can record
         self.history = xp.full((B * K, steps + 1), bos_id, dtype=np.int64)  # bos, then one token a step
-        self.last = self.history[:, :1].copy()       # each hypothesis' newest token (the cached model's input)
         self.step_number = xp.zeros((), dtype=np.int64)
         self.scores = xp.full((B, K), -np.inf)       # log P of each live hypothesis
         self.scores[:, 0] = 0.0                      # all beams start identical: expand only one
@@ -138,6 +138,11 @@ class _Beams:
         self.batch, self.own_rows = xp.arange(B)[:, None], xp.arange(B * K).reshape(B, K)
         self.rank_of, self.k = xp.arange(2 * K), xp.arange(K)
         self.columns = xp.arange(steps + 1)
+
+    def newest(self):
+        """``(B·K, 1)``: each hypothesis' newest token (what the cached decoder is fed), picked by
+        the step number on the device."""
+        return self.xp.take(self.history, self.step_number.reshape(1), axis=1)
 
     def step(self, logp):
         """Extend every live hypothesis by the next-token log-probabilities ``logp (B·K, V)``.
@@ -186,7 +191,6 @@ class _Beams:
         ended.add(out_of_length[:, None] & (self.k < alive), ended.count[:, None] + self.k, self.scores / lp,
                   self.history[:, 1:].reshape(B, K, -1), length)
         self.done |= out_of_length | (ended.count >= K)
-        self.last[...] = next_tokens
         self.rows[...] = rows
         self.step_number += 1
 
@@ -232,7 +236,7 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
         prefix = 0
 
         def step():
-            tokens = beams.last if cache is not None else beams.history[:, :prefix + 1]
+            tokens = beams.newest() if cache is not None else beams.history[:, :prefix + 1]
             beams.step(_step_logprobs(model, tokens, memory, src_mask, cache))
             if cache is not None:
                 _reorder_cache(cache, beams.rows)
