@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py --device cpu --config small [--beam 4] [--length 50] [--batch 8] [--json]
     python benchmarks/decode.py --device cuda --config small --cuda-graph     # a third variant
+    python benchmarks/decode.py --device cpu --config small --fixed-cache     # the fixed-size cache, eagerly
 
 A randomly initialised model decodes a batch of random source sentences; eos is set to an id the
 model never emits, so every hypothesis runs to exactly ``--length`` tokens and both variants do the
@@ -9,7 +10,8 @@ same amount of work. Reported: output tokens/s (batch × beam × length / second
 ``--repeat`` runs, variants alternating) for each, the speed-up of the cache, and whether both
 produced the same hypotheses. ``--batch 64`` is what ``translate`` and ``evaluate`` decode at once.
 ``--cuda-graph`` (GPU) adds the cached search over a fixed-size cache with each step replayed as a
-CUDA graph (``beam_search(cuda_graph=True)``), and its speed-up over the uncached search.
+CUDA graph (``beam_search(cuda_graph=True)``), and its speed-up over the uncached search;
+``--fixed-cache`` adds the fixed-size cache run eagerly (``fixed_cache=True``, any device).
 """
 import argparse
 import json
@@ -36,6 +38,7 @@ def main():
     parser.add_argument("--source-length", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per variant (median reported)")
     parser.add_argument("--cuda-graph", action="store_true", help="also the cached search replayed as a CUDA graph (GPU)")
+    parser.add_argument("--fixed-cache", action="store_true", help="also the fixed-size cache, eagerly")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.cuda_graph and args.device != "cuda":
@@ -53,6 +56,8 @@ def main():
     result = {"config": args.config, "device": args.device, "beam": args.beam, "length": args.length,
               "batch": args.batch, "repeat": args.repeat}
     variants = {"cached": dict(use_cache=True), "uncached": dict(use_cache=False)}
+    if args.fixed_cache:
+        variants["fixed"] = dict(fixed_cache=True)
     if args.cuda_graph:
         variants["graph"] = dict(cuda_graph=True)
     for name, kwargs in list(variants.items()):   # warm-up: kernels compiled, memory pool filled
