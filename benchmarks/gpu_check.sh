@@ -11,7 +11,11 @@
 # leaves them out, DECODE=0 the decode benchmark, TWIN=0 the twins, TRAIN_ARGS adds options to our runs (e.g. --cuda-graph),
 # EXTRA=1 adds our unfused step and the per-op profile. The step benchmarks time our step eagerly and
 # replayed as a CUDA graph (--cuda-graph: a third side).
+# With TRAIN=0 the test suite runs first, alone, then the benchmarks (decode first, then the step
+# benchmarks, most wanted first); DEADLINE=<seconds> starts nothing after that many seconds and cuts
+# each benchmark's time limit to what is left, so a short device lease still ends with a summary.
 #     bash benchmarks/gpu_check.sh
+#     TRAIN=0 DEADLINE=470 bash benchmarks/gpu_check.sh
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-check}; mkdir -p "$OUT"
@@ -21,6 +25,18 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*"; }
+# limit <seconds>: the time limit for the next item, cut to what DEADLINE leaves (0: do not start it)
+limit() {
+  local left
+  [ -n "${DEADLINE:-}" ] || { echo "$1"; return; }
+  left=$(( DEADLINE - ($(date +%s) - t0) ))
+  if [ "$left" -lt 30 ]; then echo 0; elif [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
+run_tests() {
+  local t; t=$(limit 900)
+  [ "$t" = 0 ] && { echo "pytest not started: past DEADLINE" > "$OUT/pytest.txt"; return; }
+  timeout "$t" $PY -m pytest -q -rfEs -n 6 -p no:cacheprovider > "$OUT/pytest.txt" 2>&1; echo "pytest exit $?" >> "$OUT/pytest.txt"
+}
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   $PY -c "import sys, numpy, cupy, torch; print(sys.version.split()[0], 'numpy', numpy.__version__, 'cupy', cupy.__version__, 'torch', torch.__version__)"
@@ -29,24 +45,32 @@ cat "$OUT/env.txt"
 
 DEVICE=${DEVICE:-cuda}     # DEVICE=cpu BENCH=0 TESTS=0 checks this script's plumbing on a laptop
 
-# 1. benchmarks, alone on the GPU
-BENCHES=()
-[ "${BENCH:-1}" = 1 ] && BENCHES=("--config small --cuda-graph" "--config base --cuda-graph"
-                                  "--config small --tf32 --cuda-graph" "--config base --tf32 --cuda-graph")
-[ "${BENCH:-1}" = 1 ] && [ "${EXTRA:-0}" = 1 ] && BENCHES+=("--config small --unfused" "--config base --unfused")
-for args in "${BENCHES[@]}"; do
-  stamp "train_step $args"
-  timeout 240 $PY benchmarks/train_step.py --device cuda $args --rounds 5 --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
-    || echo "FAILED: train_step $args" >> "$OUT/bench.err"
-done
+# 0. without training runs beside it, the test suite first, alone
+TESTS_DONE=0
+if [ "${TRAIN:-1}" != 1 ] && [ "${TESTS:-1}" = 1 ]; then
+  stamp "tests"; run_tests; TESTS_DONE=1
+fi
+
+# 1. benchmarks, alone on the GPU: decoding, then the step (most wanted first)
+bench() {   # bench <script> <args>
+  local t; t=$(limit 240)
+  if [ "$t" = 0 ]; then echo "SKIPPED (past DEADLINE): $1 $2" >> "$OUT/bench.err"; return; fi
+  stamp "$1 $2"
+  timeout "$t" $PY "benchmarks/$1.py" --device cuda $2 --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
+    || echo "FAILED: $1 $2" >> "$OUT/bench.err"
+}
 if [ "${BENCH:-1}" = 1 ] && [ "${DECODE:-1}" = 1 ]; then
   for args in "--config small --batch 8" "--config small --batch 64" "--config base --batch 64"; do
-    args="$args --cuda-graph"
-    stamp "decode $args"
-    timeout 240 $PY benchmarks/decode.py --device cuda $args --json >> "$OUT/bench.jsonl" 2>> "$OUT/bench.err" \
-      || echo "FAILED: decode $args" >> "$OUT/bench.err"
+    bench decode "$args --cuda-graph"
   done
 fi
+BENCHES=()
+[ "${BENCH:-1}" = 1 ] && BENCHES=("--config small --cuda-graph" "--config base --tf32 --cuda-graph"
+                                  "--config base --cuda-graph" "--config small --tf32 --cuda-graph")
+[ "${BENCH:-1}" = 1 ] && [ "${EXTRA:-0}" = 1 ] && BENCHES+=("--config small --unfused" "--config base --unfused")
+for args in "${BENCHES[@]}"; do
+  bench train_step "$args --rounds 5"
+done
 
 if [ "${EXTRA:-0}" = 1 ]; then
   stamp "profile"
@@ -56,8 +80,8 @@ fi
 # 2. the test suite on CuPy next to training runs (one per seed in SEEDS) and their twins
 stamp "tests + training"
 pids=()
-if [ "${TESTS:-1}" = 1 ]; then
-  ( timeout 900 $PY -m pytest -q -rfEs -n 6 -p no:cacheprovider > "$OUT/pytest.txt" 2>&1; echo "pytest exit $?" >> "$OUT/pytest.txt" ) &
+if [ "${TESTS:-1}" = 1 ] && [ "$TESTS_DONE" = 0 ]; then
+  ( run_tests ) &
   pids+=($!)
 fi
 if [ "${TRAIN:-1}" = 1 ]; then
