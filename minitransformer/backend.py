@@ -291,11 +291,12 @@ def _top_k_partition(scores, k):
 
 def _top_k_argmax(scores, k):
     xp = get_array_module(scores)
-    work, rows, top = scores.copy(), xp.arange(len(scores)), []
-    for _ in range(k):
-        top.append(work.argmax(axis=1))
-        work[rows, top[-1]] = -np.inf
-    return xp.stack(top, axis=1)
+    work, rows = scores.copy(), xp.arange(len(scores))
+    top = xp.empty((k, len(scores)), dtype=np.int64)   # written row by row: stacking k > 8 arrays
+    for i in range(k):                                  # uploads their addresses, which a graph cannot
+        top[i] = work.argmax(axis=1)
+        work[rows, top[i]] = -np.inf
+    return top.T
 
 
 def scatter_add(target, index, values):

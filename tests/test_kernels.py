@@ -438,7 +438,44 @@ def test_a_captured_step_replays_in_place_work_without_waiting_for_the_gpu(rng):
     np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("beam_size, max_len_b", [(1, 5), (4, 12), (5, 3), (9, 4)])   # 9: top-18 by argmax rounds
+@pytest.mark.parametrize("logp_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B, K, V, n", [(3, 4, 60, 8), (2, 4, 5000, 8), (5, 16, 700, 32), (1, 1, 2, 2),
+                                        (4, 3, 1, 3), (2, 9, 37, 18), (0, 4, 10, 8)])
+def test_beam_candidates_kernel_picks_what_top_k_picks_on_the_formed_sums(rng, logp_dtype, B, K, V, n):
+    """``kernels.beam_top_k(scores, logp, n)`` = the host top-k (ties to the lower index) of the
+    float64 sums ``scores[b, k] + logp[b·K + k, v]``, indices and values exactly: ties made common
+    (small integers), rows with fewer than n finite sums (-inf scores and log-probs), rows long
+    enough for several blocks per sentence (2×4×5000: five)."""
+    cp = backend.cupy()
+    scores = rng.integers(-3, 1, size=(B, K)).astype(np.float64)
+    scores[rng.random((B, K)) < 0.3] = -np.inf
+    logp = rng.integers(-4, 1, size=(B * K, V)).astype(logp_dtype)
+    logp[rng.random((B * K, V)) < 0.3] = -np.inf
+    if B:
+        scores[0, :] = -np.inf                 # a sentence with no finite candidate at all
+        scores[0, 0] = 0.0
+        logp[:K, :] = -np.inf
+        logp[0, V - 1] = -1.0                  # ... but one
+    sums = (scores[:, :, None] + logp.reshape(B, K, V)).reshape(B, K * V)
+    want = backend.top_k(sums, n) if B else np.zeros((0, n), dtype=np.int64)
+    top, values = kernels.beam_top_k(cp.asarray(scores), cp.asarray(logp), n)
+    assert top.shape == values.shape == (B, n) and top.dtype == np.int64 and values.dtype == np.float64
+    np.testing.assert_array_equal(backend.to_numpy(top), want)
+    np.testing.assert_array_equal(backend.to_numpy(values), np.take_along_axis(sums, want, axis=1))
+
+
+def test_beam_candidates_kernel_rejects_what_it_cannot_do():
+    cp = backend.cupy()
+    with pytest.raises(ValueError, match="beam_top_k"):
+        kernels.beam_top_k(cp.zeros((2, 20)), cp.zeros((40, 10), dtype=cp.float32), 40)   # n > TOPK_MAX
+    with pytest.raises(ValueError, match="beam_top_k"):
+        kernels.beam_top_k(cp.zeros((2, 2)), cp.zeros((4, 3), dtype=cp.float32), 7)      # n > K·V
+    with pytest.raises(ValueError, match="beam_top_k"):
+        kernels.beam_top_k(cp.zeros((2, 2), dtype=cp.float32), cp.zeros((4, 3)), 2)     # float32 scores
+
+
+# 17 beams: 34 candidates, past the kernel's 32, so that step takes top-k by argmax rounds
+@pytest.mark.parametrize("beam_size, max_len_b", [(1, 5), (4, 12), (5, 3), (9, 4), (17, 3)])
 def test_beam_search_replayed_as_a_cuda_graph_gives_the_eager_hypotheses(rng, beam_size, max_len_b):
     """The captured step (decoder over a fixed-size cache, top-k, bookkeeping) replayed: the same
     hypotheses and scores as the same step run eagerly, and as the growing cache. The eos logit is

@@ -1,4 +1,4 @@
-"""Fused CUDA kernels for the hot ops, reached only through ``functional/`` (and ``optim.Adam``)
+"""Fused CUDA kernels for the hot ops, reached only through ``functional/`` (and ``optim.Adam``, beam search's candidates)
 when the arrays live on the GPU; ``backend.fused`` decides, ``MINITRANSFORMER_FUSED=0`` turns them off.
 
 Why: an op written with array expressions launches one GPU kernel per expression and writes every
@@ -375,3 +375,36 @@ def adam_step(params, grads, ms, vs, beta1, beta2, step_size, sqrt_correction2, 
         (blocks,), (512,),
         (table, sizes, chunk_tensor, chunk_start, np.int32(_CHUNK), T(beta1), T(beta2),
          T(1 - beta1), T(1 - beta2), T(step_size), T(sqrt_correction2), T(eps), scalars))
+
+
+# ---- beam search's best candidates (§6.1) -----------------------------------------------------------------
+
+TOPK_MAX = 32          # the most candidates a sentence keeps (the kernels' per-thread lists)
+_TOPK_CHUNK = 4096     # candidates a block of pass 1 reads: many blocks per sentence keep loads in flight
+
+
+def beam_top_k(scores, logp, n):
+    """Of ``c[b, k·V + v] = scores[b, k] + logp[b·K + k, v]`` (float64; ``scores (B, K)`` float64,
+    ``logp (B·K, V)``) the ``n`` best per sentence: ``(indices (B, n), values (B, n))``, best first,
+    ties to the lower index — ``backend.top_k`` and ``take_along_axis`` on the formed ``c``, without
+    forming it (``tests/test_kernels.py``). ``1 <= n <= min(TOPK_MAX, K·V)``."""
+    cp = backend.cupy()
+    B, K = scores.shape
+    V = logp.shape[1]
+    if not 1 <= n <= min(TOPK_MAX, K * V) or logp.shape[0] != B * K or scores.dtype != np.float64:
+        raise ValueError(f"beam_top_k: need float64 scores (B, K), logp (B*K, V) and 1 <= n <= {TOPK_MAX}, "
+                         f"got scores {scores.shape} {scores.dtype}, logp {logp.shape}, n {n}")
+    scores, logp = _contiguous(scores), _contiguous(logp)
+    parts = -(-(K * V) // _TOPK_CHUNK)
+    part_val = cp.empty((B, parts, n), dtype=np.float64)
+    part_idx = cp.empty((B, parts, n), dtype=np.int64)
+    top_val = cp.empty((B, n), dtype=np.float64)
+    top_idx = cp.empty((B, n), dtype=np.int64)
+    if B == 0:
+        return top_idx, top_val
+    _kernel("beam_topk_partial", logp.dtype)(
+        (parts, B), (_THREADS,), (scores, logp, np.int64(K), np.int64(V), np.int32(n), np.int64(_TOPK_CHUNK),
+                                  part_val, part_idx))
+    _kernel("beam_topk_final", logp.dtype)(
+        (B,), (_block(min(parts * n, _THREADS)),), (part_val, part_idx, np.int32(parts), np.int32(n), top_val, top_idx))
+    return top_idx, top_val

@@ -263,8 +263,76 @@ __global__ void adam_step(const unsigned long long* __restrict__ ptrs, const lon
         p[i] = p[i] - step_size * (mi / (t_sqrt(vi) / sqrt_correction2 + eps));
     }
 }
+
+// Beam search's candidates: per sentence b, the n best of c = scores[b, k] + logp[b*K + k, v] over
+// its K*V entries (index k*V + v), best first, ties to the lower index, as backend.top_k on the
+// formed (B, K*V) float64 array. Pass 1 (grid P x B): each block keeps its chunk's n best, each
+// thread its own sorted list, then merged; pass 2 (one block per sentence): the n best of the P lists.
+#define TOPK_MAX 32
+#define TOPK_NONE 0x7fffffffffffffffLL
+__device__ __forceinline__ bool topk_better(double a, long long ia, double b, long long ib) {
+    return a > b || (a == b && ia < ib);
+}
+__device__ __forceinline__ void topk_insert(double* val, long long* idx, int n, double v, long long i) {
+    if (!topk_better(v, i, val[n - 1], idx[n - 1])) return;
+    int j = n - 1;
+    for (; j > 0 && topk_better(v, i, val[j - 1], idx[j - 1]); --j) { val[j] = val[j - 1]; idx[j] = idx[j - 1]; }
+    val[j] = v;
+    idx[j] = i;
+}
+// n rounds: the best head among the threads' lists is written out and popped (blockDim a power of 2).
+__device__ void topk_block_merge(const double* val, const long long* idx, int n, double* out_val, long long* out_idx) {
+    __shared__ double s_val[1024];
+    __shared__ long long s_idx[1024];
+    __shared__ int s_tid[1024];
+    const int tid = threadIdx.x;
+    int head = 0;
+    for (int r = 0; r < n; ++r) {
+        s_val[tid] = head < n ? val[head] : neg_inf<double>();
+        s_idx[tid] = head < n ? idx[head] : TOPK_NONE;
+        s_tid[tid] = tid;
+        __syncthreads();
+        for (int s = blockDim.x >> 1; s > 0; s >>= 1) {
+            if (tid < s && topk_better(s_val[tid + s], s_idx[tid + s], s_val[tid], s_idx[tid])) {
+                s_val[tid] = s_val[tid + s]; s_idx[tid] = s_idx[tid + s]; s_tid[tid] = s_tid[tid + s];
+            }
+            __syncthreads();
+        }
+        if (tid == 0) { out_val[r] = s_val[0]; out_idx[r] = s_idx[0]; }
+        if (tid == s_tid[0]) ++head;
+        __syncthreads();                  // all have read s_tid[0] before the next round writes
+    }
+}
+template<typename T>
+__global__ void beam_topk_partial(const double* __restrict__ scores, const T* __restrict__ logp, long long K,
+                                  long long V, int n, long long chunk, double* part_val, long long* part_idx) {
+    const long long b = blockIdx.y, p = blockIdx.x, P = gridDim.x, KV = K * V;
+    const long long start = p * chunk, end = min(KV, start + chunk);
+    double val[TOPK_MAX];
+    long long idx[TOPK_MAX];
+    for (int j = 0; j < n; ++j) { val[j] = neg_inf<double>(); idx[j] = TOPK_NONE; }
+    const T* row = logp + b * KV;
+    for (long long c = start + threadIdx.x; c < end; c += blockDim.x)
+        topk_insert(val, idx, n, scores[b * K + c / V] + (double)row[c], c);
+    topk_block_merge(val, idx, n, part_val + (b * P + p) * n, part_idx + (b * P + p) * n);
+}
+template<typename T>
+__global__ void beam_topk_final(const double* __restrict__ part_val, const long long* __restrict__ part_idx,
+                                int parts, int n, double* top_val, long long* top_idx) {
+    const long long b = blockIdx.x, m = (long long)parts * n;
+    double val[TOPK_MAX];
+    long long idx[TOPK_MAX];
+    for (int j = 0; j < n; ++j) { val[j] = neg_inf<double>(); idx[j] = TOPK_NONE; }
+    for (long long j = threadIdx.x; j < m; j += blockDim.x)
+        topk_insert(val, idx, n, part_val[b * m + j], part_idx[b * m + j]);
+    topk_block_merge(val, idx, n, top_val + b * n, top_idx + b * n);
+    __syncthreads();
+    // with fewer than n entries in a row (never: callers ask for n <= K*V) no index would be left
+    // unset; keep every index valid anyway, as argmax rounds would
+    if (threadIdx.x < n && top_idx[b * n + threadIdx.x] == TOPK_NONE) top_idx[b * n + threadIdx.x] = 0;
+}
 """
 
 NAMES = ("masked_softmax_fwd", "softmax_bwd", "dropout_apply", "layer_norm_fwd", "layer_norm_bwd_dx",
          "layer_norm_bwd_dwdb", "cross_entropy_fwd", "cross_entropy_bwd", "relu_fwd", "relu_bwd", "embedding_bwd",
-         "adam_step")
+         "adam_step", "beam_topk_partial", "beam_topk_final")
