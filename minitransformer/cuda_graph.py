@@ -66,30 +66,74 @@ class CapturedStep:
 
     The arrays the step keeps must exist before the first call or be made by it (those stay
     alive); what it allocates and drops comes from a private pool that only its replays use.
+    ``period``: the step's host-side state repeats every ``period`` calls (beam search swaps two
+    cache buffers each step: period 2), so call ``c`` replays the graph of phase ``c % period``,
+    recorded at its first call.
     """
 
-    def __init__(self, step, what="CapturedStep"):
+    def __init__(self, step, what="CapturedStep", period=1):
+        if period < 1:
+            raise ValueError(f"CapturedStep: period must be >= 1, got {period}")
         cp = backend.cupy()
-        self.step, self.what = step, what
+        self.step, self.what, self.period = step, what, period
         self.stream = cp.cuda.Stream()      # blocking: ordered with the default stream the rest uses
         self.pool = cp.cuda.MemoryPool()
         self.blas = Blas(self.stream)
-        self.graph = self.capture = None
+        self.graphs = [None] * period
+        self.capture = None
         self.calls = 0
+
+    @property
+    def graph(self):
+        """The graph of phase 1 (the first recorded), or None before the second call."""
+        return self.graphs[1 % self.period]
 
     def __call__(self):
         cp = backend.cupy()
         if self.calls == 1:
-            self.capture = Capture(self.stream, self.blas)   # kept: the graph reads it at every replay
+            self.capture = Capture(self.stream, self.blas)   # kept: the graphs read it at every replay
         with cp.cuda.using_allocator(self.pool.malloc), self.stream:
             if self.calls == 0:
                 self.step()
             else:
-                if self.graph is None:
-                    self.graph, _ = record(self.stream, self.capture, self.what,
-                                           f"call {self.what} without cuda_graph", self.step)
-                self.graph.launch(self.stream)
+                phase = self.calls % self.period
+                if self.graphs[phase] is None:
+                    self.graphs[phase], _ = record(self.stream, self.capture, self.what,
+                                                   f"call {self.what} without cuda_graph", self.step)
+                self.graphs[phase].launch(self.stream)
         self.calls += 1
+
+
+class LaggedAll:
+    """``array.all()`` of a device bool array, read one call late: a call queues this step's value
+    for an asynchronous copy to pinned host memory on ``stream`` and returns the one queued by the
+    call before (False at the first call), waiting only for that. The host can then launch the
+    next step while the GPU still runs this one, instead of draining the queue every step
+    (a replayed decoding step: one launch, then the GPU would idle while the host checks)."""
+
+    def __init__(self, array, stream):
+        cp = backend.cupy()
+        self.array, self.stream = array, stream
+        self._memory = [cp.cuda.alloc_pinned_memory(1) for _ in range(2)]
+        self._host = [np.frombuffer(m, dtype=np.bool_, count=1) for m in self._memory]
+        self._pending = [None, None]        # (event, the device flag it copies) per buffer
+        self.calls = 0
+
+    def __call__(self):
+        cp = backend.cupy()
+        now, before = self.calls % 2, (self.calls + 1) % 2
+        with self.stream:
+            flag = self.array.all()
+            cp.cuda.runtime.memcpyAsync(self._host[now].ctypes.data, flag.data.ptr, 1,
+                                        cp.cuda.runtime.memcpyDeviceToHost, self.stream.ptr)
+            event = cp.cuda.Event(disable_timing=True)
+            event.record(self.stream)
+        self._pending[now] = (event, flag)  # the flag stays alive until its copy is done
+        self.calls += 1
+        if self._pending[before] is None:
+            return False
+        self._pending[before][0].synchronize()
+        return bool(self._host[before][0])
 
 
 @dataclass

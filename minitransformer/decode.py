@@ -93,15 +93,22 @@ def length_penalty(length, alpha):
 
 
 def _reorder_cache(cache, rows):
-    """Keep, for every beam slot, the self-attention keys/values of the hypothesis it extends
-    (a fixed-size cache in place, in the same buffers)."""
+    """Keep, for every beam slot, the self-attention keys/values of the hypothesis it extends.
+
+    A fixed-size cache is gathered into a second set of buffers (made at the first call), which
+    then become the cache: one pass over the keys and values instead of a gather and a copy back.
+    Its buffers alternate, so a captured step is two graphs, one per phase (``CapturedStep(period=2)``)."""
     for layer in cache["layers"]:
+        kept = layer["self"]
         for name in ("k", "v"):
-            kept = layer["self"][name]
-            if isinstance(kept, Tensor):
-                layer["self"][name] = Tensor(kept.data[rows])
-            else:
-                kept[...] = kept[rows]
+            if isinstance(kept[name], Tensor):
+                kept[name] = Tensor(kept[name].data[rows])
+                continue
+            spare = kept.get("spare_" + name)
+            if spare is None:
+                spare = kept["spare_" + name] = backend.get_array_module(kept[name]).empty_like(kept[name])
+            backend.get_array_module(spare).take(kept[name], rows, axis=0, out=spare)
+            kept[name], kept["spare_" + name] = spare, kept[name]
 
 
 class _EndedHypotheses:
@@ -254,12 +261,18 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
             if cache is not None:
                 _reorder_cache(cache, beams.rows)
 
+        def finished():
+            return bool(beams.done.all())
+
         if cuda_graph:
-            from .cuda_graph import CapturedStep
-            step = CapturedStep(step, "beam_search")
+            from .cuda_graph import CapturedStep, LaggedAll
+            step = CapturedStep(step, "beam_search", period=2)     # the cache's two buffers alternate
+            # read a step late: the next step is launched before the host waits (a step of a
+            # finished search changes nothing: every sentence keeps its state)
+            finished = LaggedAll(beams.done, step.stream)
         for prefix in range(steps):
             step()
-            if bool(beams.done.all()):
+            if finished():
                 break
         hyps, best_scores = beams.ended.best()
     model.train(was_training)

@@ -103,12 +103,17 @@ class _FakeStream:
         self.log.append("end")
         if self.fail_end:
             raise RuntimeError("operation not permitted when stream is capturing")
-        return _FakeGraph()
+        self.graphs = getattr(self, "graphs", 0) + 1
+        return _FakeGraph(self.graphs)
 
 
 class _FakeGraph:
+    def __init__(self, number):
+        self.number = number                # the stream's n-th recorded graph
+
     def launch(self, stream):
         stream.log.append("launch")
+        stream.launched = getattr(stream, "launched", []) + [self.number]
 
 
 @pytest.fixture
@@ -140,6 +145,21 @@ def test_a_captured_step_runs_eagerly_once_is_recorded_once_then_only_launched(f
     assert seen == [(False, False), (True, True)]          # eager, then recorded; replays run no Python
     assert fake_cuda[0].log == ["synchronize", "begin", "end", "launch", "launch", "launch"]
     assert step.calls == 4 and backend.capturing() is None
+
+
+def test_a_step_with_two_phases_records_one_graph_per_phase_and_replays_them_in_turn(fake_cuda):
+    """period=2 (beam search swaps two cache buffers each step): call c replays the graph recorded
+    at the first call of phase c % 2, so each replay finds the buffers its graph was recorded with."""
+    from minitransformer.cuda_graph import CapturedStep
+    phase = []                                            # the host state: which buffer is current
+    step = CapturedStep(lambda: phase.append(len(phase) % 2), period=2)
+    for _ in range(7):
+        step()
+    assert phase == [0, 1, 0]                             # eager, then recorded at calls 1 and 2
+    assert fake_cuda[0].launched == [1, 2, 1, 2, 1, 2]    # calls 1..6: phases 1, 0, 1, 0, 1, 0
+    assert fake_cuda[0].log.count("begin") == 2 and step.graph is step.graphs[1]
+    with pytest.raises(ValueError, match="CapturedStep: period must be >= 1"):
+        CapturedStep(lambda: None, period=0)
 
 
 def test_a_step_that_fails_while_recorded_ends_the_capture_and_raises(fake_cuda):

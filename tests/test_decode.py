@@ -494,3 +494,25 @@ def test_the_decode_benchmark_runs_both_variants_to_full_length_with_the_same_ou
     result = json.loads(run.stdout)
     assert result["same_output"] is True and result["batch"] == 2 and result["length"] == 24
     assert result["cached"]["tokens_per_s"] > 0 and result["uncached"]["tokens_per_s"] > 0
+
+
+def test_a_step_of_a_finished_search_changes_none_of_what_it_returns(rng):
+    """A replayed search reads its "all done?" flag one step late (``cuda_graph.LaggedAll``), so one
+    step may run after every sentence is done: it must leave the ended hypotheses, the live scores
+    and the done flags as they are."""
+    from minitransformer.decode import _Beams
+    B, K, V, steps = 3, 4, 11, 6
+    beams = _Beams(np, B, K, steps, BOS_ID, EOS_ID, 0.6, np.full(B, steps))
+    for _ in range(3):                                     # a few real steps first
+        beams.step(np.log(rng.dirichlet(np.ones(V), size=B * K)))
+    beams.done[...] = True
+    def state():      # the ended hypotheses' last slot is the dummy that writes not meant to land go to
+        e = beams.ended
+        return [a.copy() for a in (e.scores[:, :-1], e.lengths[:, :-1], e.tokens[:, :-1], e.count,
+                                   beams.scores, beams.done)]
+    before, best = state(), beams.ended.best()
+    beams.step(np.log(rng.dirichlet(np.ones(V), size=B * K)))
+    for a, b in zip(before, state()):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(beams.rows, np.arange(B * K))     # the caches keep their rows
+    assert beams.ended.best() == best

@@ -41,7 +41,8 @@ class MultiHeadAttention(Module):
         ``static_kv=True`` (cross-attention) they are computed from the encoder output once and
         reused; otherwise (decoder self-attention) each step's new keys and values are appended,
         or, in a fixed-size cache (``Transformer.new_cache(batch, max_len)``), written in place
-        at the step's position (``cache["slot"]``) of preallocated ``(B, h, max_len, d_k)`` buffers.
+        at the step's position (``cache["at"]``, on the device) of preallocated ``(B, h, max_len, d_k)``
+        buffers.
         """
         if query.shape[-1] != self.d_model:
             raise ValueError(f"MultiHeadAttention: query's last axis must be d_model={self.d_model}, "
@@ -49,9 +50,9 @@ class MultiHeadAttention(Module):
         q = self.split_heads(self.q_proj(query))
         if cache is not None and static_kv and "k" in cache:
             k, v = cache["k"], cache["v"]
-        elif cache is not None and "slot" in cache:      # fixed size: same buffers every step
+        elif cache is not None and "at" in cache:        # fixed size: same buffers every step
             for name, proj, x in (("k", self.k_proj, key), ("v", self.v_proj, value)):
-                q.xp.copyto(cache[name], self.split_heads(proj(x)).data, where=cache["slot"])
+                cache[name][:, :, cache["at"]] = self.split_heads(proj(x)).data
             k, v = Tensor(cache["k"]), Tensor(cache["v"])
         else:
             k = self.split_heads(self.k_proj(key))

@@ -219,18 +219,20 @@ class Transformer(Module):
         xp, weight = backend.xp_for(self.device), self.embedding.weight
         h = self.config.num_heads
         slots = xp.arange(max_len)
-        slot = xp.zeros((max_len, 1), dtype=bool)     # the position a step writes (its keys, values)
+        position = xp.zeros((), dtype=np.int64)
         for layer in layers:
+            # "at": the position as a one-element index (a view: it follows the counter), where a
+            # step writes its keys and values (one position, not a masked pass over the buffer)
             layer["self"] = {"k": xp.zeros((batch, h, max_len, self.d_model // h), dtype=weight.dtype),
-                             "slot": slot}
+                             "at": position.reshape(1)}
             layer["self"]["v"] = xp.zeros_like(layer["self"]["k"])
-        return {"length": 0, "layers": layers, "position": xp.zeros((), dtype=np.int64), "slots": slots,
-                "slot": slot, "valid": xp.zeros((1, 1, 1, max_len), dtype=bool), "batch": batch}
+        return {"length": 0, "layers": layers, "position": position, "slots": slots,
+                "valid": xp.zeros((1, 1, 1, max_len), dtype=bool), "batch": batch}
 
     @staticmethod
     def _fixed_cache_step(cache, shape):
-        """Mark the position this step writes and the ones it may attend to; returns the position.
-        In place and on the device only, so that a captured step does it at every replay."""
+        """Mark the positions this step may attend to (those written so far and its own) and return
+        the position: in place and on the device only, so that a captured step does it at every replay."""
         if shape != (cache["batch"], 1):
             raise ValueError(f"Transformer.decode: a fixed-size cache takes one token per step for each of its "
                              f"{cache['batch']} rows, i.e. tgt_ids of shape ({cache['batch']}, 1), got {shape}")
@@ -241,7 +243,6 @@ class Transformer(Module):
         if cache["length"] >= len(cache["slots"]):
             raise ValueError(f"Transformer.decode: the fixed-size cache holds {len(cache['slots'])} "
                              "positions and all are used")
-        xp.equal(cache["slots"][:, None], position, out=cache["slot"])
         xp.less_equal(cache["slots"], position, out=cache["valid"].reshape(-1))
         cache["length"] += 1
         return position
