@@ -108,24 +108,7 @@ wait "${pids[@]}"
 stamp "done"
 
 echo "== benchmarks (full JSON in $OUT/bench.jsonl)"; tail -5 "$OUT/bench.err" 2>/dev/null
-[ -f "$OUT/bench.jsonl" ] && $PY - "$OUT/bench.jsonl" <<'PY'
-import json, sys
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    if "speedup" in r:
-        print(f"decode {r['config']:5s} batch {r['batch']:3d} beam {r['beam']}: cached {r['cached']['tokens_per_s']:.0f} "
-              f"tok/s, uncached {r['uncached']['tokens_per_s']:.0f} tok/s, KV-cache speed-up {r['speedup']:.2f}x"
-              + (f", graph {r['graph']['tokens_per_s']:.0f} tok/s ({r['speedup_graph']:.2f}x)" if "graph" in r else "")
-              + (f", graph FAILED: {r['graph_error']}" if "graph_error" in r else "")
-              + f" (same hypotheses: {r['same_output']})"); continue
-    if "config" not in r or "ours" not in r:
-        print(line.strip()[:300]); continue
-    ms = "  ".join(f"{k} {r[k]['ms_per_step']:.2f} ms" for k in ("ours", "ours_graph", "torch") if k in r)
-    peaks = "/".join(f"{r[k]['peak_mib']:.0f}" for k in ("ours", "ours_graph", "torch") if k in r and r[k]["peak_mib"])
-    print(f"{r['config']:5s} {'tf32' if r['tf32'] else 'fp32'}: {ms}  ratio {r['ratio_tokens_per_s']:.3f}"
-          + (f"  graph ratio {r['ratio_graph_tokens_per_s']:.3f}" if "ratio_graph_tokens_per_s" in r else "")
-          + f"  peak MiB {peaks}" + (f" (ours/torch {r['ratio_peak_memory']:.3f})" if "ratio_peak_memory" in r else ""))
-PY
+[ -f "$OUT/bench.jsonl" ] && $PY benchmarks/summarize.py "$OUT/bench.jsonl"
 echo "== tests"; tail -25 "$OUT/pytest.txt" 2>/dev/null
 [ "${TRAIN:-1}" = 1 ] || exit 0
 for seed in ${SEEDS:-0}; do
