@@ -43,7 +43,7 @@ def linear(x, weight, bias=None):
 
     Backward (rows of ``x`` flattened to ``(n, in)``): ``dx = g W``, ``dW = gᵀ x``,
     ``db = Σ_rows g`` — one GEMM each, however many leading axes ``x`` has (``kernels.matmul`` is
-    ``@`` on the CPU, a direct cuBLAS call on the GPU).
+    ``@``, or our own cuBLAS call while a CUDA graph is captured).
     """
     x, weight = as_tensor(x), as_tensor(weight)
     parents = (x, weight) if bias is None else (x, weight, as_tensor(bias))

@@ -213,36 +213,16 @@ def _operand(a):
     return _contiguous(a), False
 
 
-# Eager 2-D products and GEMVs call cuBLAS directly (the routines CuPy's ``@`` calls, on CuPy's
-# handle and stream) rather than through ``@``: on the small model's eager step, host-bound on the
-# GPU, ``@`` cost ~50 µs of host time a call against ~33 µs for a direct cuBLAS call (cProfile on
-# the H200 machine, benchmarks/profile_step.py). TF32 2-D products stay with ``@``.
-_EAGER_BLAS = True
-_HOST_SCALARS = {np.dtype(t): (np.ones(1, dtype=t), np.zeros(1, dtype=t)) for t in (np.float32, np.float64)}
-_HOST_SCALAR_PTRS = {t: (one.ctypes.data, zero.ctypes.data) for t, (one, zero) in _HOST_SCALARS.items()}
-
-
-def _cublas():
-    """CuPy's cuBLAS module and handle, on the current stream, in host pointer mode (alpha and
-    beta from host memory)."""
-    cp = backend.cupy()
-    from cupy_backends.cuda.libs import cublas
-    handle = cp.cuda.device.get_cublas_handle()
-    cublas.setStream(handle, cp.cuda.get_current_stream().ptr)
-    cublas.setPointerMode(handle, 0)            # CUBLAS_POINTER_MODE_HOST
-    return cublas, handle
-
-
 def batched_matmul(a, b):
     """``a @ b`` for ``(…, m, k) @ (…, k, n)`` with the same batch axes (or none), either operand
-    possibly a transposed view (``x.swapaxes(-1, -2)``): one cuBLAS GEMM (strided-batched with batch
-    axes), no copy. Anything else (broadcast batch axes, other dtypes) goes to ``a @ b``. While a
-    CUDA graph is being captured the GEMM goes through our own cuBLAS handle (``kernels.capture``)."""
+    possibly a transposed view (``x.swapaxes(-1, -2)``): one cuBLAS strided-batched GEMM, no copy.
+    Anything else (broadcast batch axes, other dtypes) goes to ``a @ b``. While a CUDA graph is being
+    captured the GEMM goes through our own cuBLAS handle (``kernels.capture``)."""
     cp = backend.cupy()
     capture = backend.capturing()
     if (a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype
             or a.dtype not in _GEMM or a.shape[-1] != b.shape[-2] or 0 in a.shape or 0 in b.shape
-            or (a.ndim == 2 and capture is None and (not _EAGER_BLAS or backend.tf32_enabled()))):
+            or (a.ndim == 2 and capture is None)):
         return a @ b
     *lead, m, k = a.shape
     n = b.shape[-1]
@@ -263,23 +243,22 @@ def batched_matmul(a, b):
                                           A.data.ptr, m if a_t else k, m * k, C.data.ptr, n, m * n,
                                           batch, dtype_id, compute)
         return C
-    cublas, handle = _cublas()
-    one, zero = _HOST_SCALAR_PTRS[a.dtype]
-    if a.ndim == 2:                             # fp32 (not TF32) or fp64: sgemm / dgemm
-        gemm = cublas.sgemm if a.dtype == np.float32 else cublas.dgemm
-        gemm(handle, *args, one, B.data.ptr, k if b_t else n, A.data.ptr, m if a_t else k, zero, C.data.ptr, n)
-        return C
+    from cupy_backends.cuda.libs import cublas
+    scalar = np.float32 if a.dtype == np.float32 else np.float64
+    one, zero = np.ones(1, dtype=scalar), np.zeros(1, dtype=scalar)
+    handle = cp.cuda.device.get_cublas_handle()
+    cublas.setPointerMode(handle, 0)            # CUBLAS_POINTER_MODE_HOST: alpha and beta below
     cublas.gemmStridedBatchedEx(
-        handle, *args, one, B.data.ptr, dtype_id, k if b_t else n, k * n,
+        handle, *args, one.ctypes.data, B.data.ptr, dtype_id, k if b_t else n, k * n,
         A.data.ptr, dtype_id, m if a_t else k, m * k,
-        zero, C.data.ptr, dtype_id, n, m * n, batch, compute, -1)
+        zero.ctypes.data, C.data.ptr, dtype_id, n, m * n, batch, compute, -1)
     return C
 
 
 def matmul(a, b):
-    """``a @ b``: on the GPU through ``batched_matmul`` (a direct cuBLAS call; while a CUDA graph
-    is being captured, when CuPy may not call cuBLAS, through our own handle), elsewhere ``@``."""
-    if backend.capturing() is None and not (_EAGER_BLAS and backend.fused(a, b)):
+    """``a @ b``, except while a CUDA graph is being captured, when CuPy may not call cuBLAS: then
+    the same product through ``batched_matmul``'s own handle."""
+    if backend.capturing() is None:
         return a @ b
     return batched_matmul(a, b)
 
@@ -317,20 +296,15 @@ def column_sum(g):
     0.024 vs 0.191 ms for 2048, 0.31 vs 0.63 ms for 37000; benchmarks/profile_step.py --matmul)."""
     ones = _ones(g.shape[0], g.dtype.str)
     capture = backend.capturing()
-    if g.dtype not in _GEMM or (capture is None and not _EAGER_BLAS):
+    if capture is None or g.dtype not in _GEMM:
         return ones @ g
     g = _contiguous(g)
     n, d = g.shape
     out = backend.cupy().empty(d, dtype=g.dtype)
-    if not (n and d):
-        out.fill(0)
-    elif capture is not None:   # row-major g (n, d) is column-major (d, n): out = g_colmajor @ ones
+    if n and d:     # row-major g (n, d) is column-major (d, n): out = g_colmajor @ ones
         capture.blas.gemv(g.dtype, d, n, g.data.ptr, d, ones.data.ptr, out.data.ptr)
     else:
-        cublas, handle = _cublas()
-        one, zero = _HOST_SCALAR_PTRS[g.dtype]
-        gemv = cublas.sgemv if g.dtype == np.float32 else cublas.dgemv
-        gemv(handle, 0, d, n, one, g.data.ptr, d, ones.data.ptr, 1, zero, out.data.ptr, 1)
+        out.fill(0)
     return out
 
 
