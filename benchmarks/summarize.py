@@ -18,7 +18,7 @@ def summarize(r):
     sides = [k for k in ("ours", "ours_graph", "torch") if k in r]
     ms = "  ".join(f"{k} {r[k]['ms_per_step']:.2f} ms" for k in sides)
     peaks = "/".join(f"{r[k]['peak_mib']:.0f}" for k in sides if r[k].get("peak_mib"))
-    return (f"{r['config']:5s} {'tf32' if r['tf32'] else 'fp32'}{' (cupy @)' if r.get('cupy_matmul') else ''}: "
+    return (f"{r['config']:5s} {'tf32' if r['tf32'] else 'fp32'}: "
             f"{ms}  ratio {r['ratio_tokens_per_s']:.3f}"
             + (f"  graph ratio {r['ratio_graph_tokens_per_s']:.3f}" if "ratio_graph_tokens_per_s" in r else "")
             + (f"  peak MiB {peaks}" if peaks else "")

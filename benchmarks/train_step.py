@@ -173,8 +173,6 @@ def main():
                         help="also time our step replayed as a CUDA graph (a third side, 'ours_graph')")
     parser.add_argument("--unfused", action="store_true",
                         help="our side without the fused GPU kernels (array formulas only), for comparison")
-    parser.add_argument("--cupy-matmul", action="store_true",
-                        help="our eager 2-D products through CuPy's @ instead of direct cuBLAS calls (A/B)")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and side")
@@ -193,9 +191,6 @@ def main():
         os.environ["CUPY_TF32"] = "1"   # read by CuPy when it first runs a matmul
     if args.unfused:
         os.environ["MINITRANSFORMER_FUSED"] = "0"   # read when minitransformer is imported
-    if args.cupy_matmul:
-        from minitransformer import kernels
-        kernels._EAGER_BLAS = False
     if args.cuda_graph and (args.device != "cuda" or args.unfused):
         parser.error("--cuda-graph needs --device cuda and the fused kernels")
     if args.threads:
@@ -205,7 +200,6 @@ def main():
     tokens = c["batch"] * c["length"]
     flops = matmul_flops(c)
     result = {"config": args.config, "device": args.device, "tf32": args.tf32, "fused": not args.unfused,
-              "cupy_matmul": args.cupy_matmul,
               "keep_freed_memory": args.keep_freed_memory, **c}
     sides = {"ours": setup_ours(c, args.device, args)}
     if args.cuda_graph:
