@@ -187,3 +187,58 @@ def test_a_capture_the_driver_rejects_names_the_step_and_the_way_out(fake_cuda):
                                            r"\(operation not permitted .*\); call beam_search without cuda_graph"):
         captured()
     assert backend.capturing() is None
+
+
+def test_the_done_flag_of_a_replayed_search_is_read_one_step_late(monkeypatch):
+    """``LaggedAll``: each call queues this step's ``all()`` for an asynchronous copy and returns
+    the previous step's (False first), waiting only for the previous copy's event — so the host can
+    launch the next step before it waits (a stand-in CuPy whose copies land at once)."""
+    import ctypes
+    import types
+
+    from minitransformer import cuda_graph
+    log = []
+
+    class Scalar:                       # a 0-d "device" array: its bytes at a real address
+        def __init__(self, value):
+            self.host = np.array(value, dtype=np.bool_)
+            self.data = types.SimpleNamespace(ptr=self.host.ctypes.data)
+
+    class Flags:                        # the "device" done flags, set by the test between steps
+        value = np.zeros(3, dtype=bool)
+
+        def all(self):
+            return Scalar(self.value.all())
+
+    class Event:
+        def __init__(self, disable_timing=False):
+            self.n = len([e for e in log if e[0] == "record"])
+
+        def record(self, stream):
+            log.append(("record", self.n))
+
+        def synchronize(self):
+            log.append(("wait", self.n))
+
+    class Stream:
+        ptr = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    runtime = types.SimpleNamespace(memcpyDeviceToHost=2,
+                                    memcpyAsync=lambda dst, src, n, kind, stream: ctypes.memmove(dst, src, n))
+    cuda = types.SimpleNamespace(alloc_pinned_memory=lambda n: bytearray(n), runtime=runtime, Event=Event)
+    monkeypatch.setattr(backend, "cupy", lambda: types.SimpleNamespace(cuda=cuda))
+    flags = Flags()
+    finished = cuda_graph.LaggedAll(flags, Stream())
+    seen = []
+    for done in ([0, 0, 0], [1, 0, 1], [1, 1, 1], [1, 1, 1]):
+        flags.value = np.array(done, dtype=bool)
+        seen.append(finished())
+    assert seen == [False, False, False, True]            # step 3 is the first all-done, seen at step 4
+    assert log == [("record", 0), ("record", 1), ("wait", 0), ("record", 2), ("wait", 1),
+                   ("record", 3), ("wait", 2)]            # each call waits for the call before's copy only
