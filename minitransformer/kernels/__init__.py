@@ -1,5 +1,6 @@
-"""Fused CUDA kernels for the hot ops, reached only through ``functional/`` (and ``optim.Adam``, beam search's candidates)
-when the arrays live on the GPU; ``backend.fused`` decides, ``MINITRANSFORMER_FUSED=0`` turns them off.
+"""Fused CUDA kernels for the hot ops, reached only through ``functional/`` (and ``optim.Adam`` and
+beam search's candidates) when the arrays live on the GPU; ``backend.fused`` decides,
+``MINITRANSFORMER_FUSED=0`` turns them off.
 
 Why: an op written with array expressions launches one GPU kernel per expression and writes every
 temporary to memory (softmax alone is max, subtract, exp, sum, divide). On a small model the step is
