@@ -496,3 +496,23 @@ def test_beam_search_replayed_as_a_cuda_graph_gives_the_eager_hypotheses(rng, be
     for name in ("fixed", "grow"):
         assert results["graph"][0] == results[name][0], name
         np.testing.assert_allclose(results["graph"][1], results[name][1], rtol=2e-5, err_msg=name)
+
+
+def test_translate_with_replayed_searches_gives_the_eager_translations(tmp_path):
+    """``evaluate.translate(cuda_graph=True)``: every batch's beam search recorded anew and replayed
+    (batches of different widths and lengths) gives the eager translations, in the caller's order.
+    float64, so that the growing and the fixed-size cache cannot round a near-tie apart."""
+    from pathlib import Path
+
+    from minitransformer import evaluate
+    from minitransformer.data import Tokenizer, read_pairs
+    pairs = read_pairs(Path(__file__).parent / "data" / "spa_sample.tsv")[:300]
+    tok = Tokenizer.train([s for s, _ in pairs] + [t for _, t in pairs], vocab_size=300, cache=tmp_path)
+    mt.set_default_dtype("float64")          # (the conftest fixture puts it back)
+    mt.manual_seed(3)
+    model = mt.nn.Transformer(tok.vocab_size, d_model=32, num_heads=4, num_layers=2, d_ff=64, max_len=128).to("cuda")
+    sentences = [s for s, _ in pairs[:70]]
+    kw = dict(beam_size=4, batch_size=32, max_len_b=12)
+    eager = evaluate.translate(model, tok, sentences, **kw)
+    assert evaluate.translate(model, tok, sentences, cuda_graph=True, **kw) == eager
+    assert len(set(eager)) > 1
