@@ -9,7 +9,7 @@
 # when spa.tsv is already there). STEPS (default 1500) sets the length of the training runs, SEEDS
 # (default "0") how many pairs of runs (e.g. SEEDS="0 1 2": three, side by side on one GPU); TRAIN=0
 # leaves them out, DECODE=0 the decode benchmark, TWIN=0 the twins, TRAIN_ARGS adds options to our runs (e.g. --cuda-graph),
-# EXTRA=1 adds our unfused step and the per-op profile. The step benchmarks time our step eagerly and
+# EXTRA=1 adds our unfused step, the per-op profile and where a replayed decoding step's time goes. The step benchmarks time our step eagerly and
 # replayed as a CUDA graph (--cuda-graph: a third side).
 # With TRAIN=0 the test suite runs first, alone, then the benchmarks (decode first, then the step
 # benchmarks, most wanted first); DEADLINE=<seconds> starts nothing after that many seconds and cuts
@@ -75,6 +75,9 @@ done
 if [ "${EXTRA:-0}" = 1 ]; then
   stamp "profile"
   for cfg in small base; do timeout 120 $PY benchmarks/profile_step.py --config $cfg --ops >> "$OUT/profile.txt" 2>&1; done
+  for args in "--config small --batch 8" "--config small --batch 64" "--config base --batch 64"; do
+    timeout 90 $PY benchmarks/decode_parts.py $args >> "$OUT/profile.txt" 2>&1
+  done
 fi
 
 # 2. the test suite on CuPy next to training runs (one per seed in SEEDS) and their twins
