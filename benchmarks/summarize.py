@@ -11,6 +11,8 @@ def summarize(r):
         return (f"decode {r['config']:5s} batch {r['batch']:3d} beam {r['beam']}: cached {r['cached']['tokens_per_s']:.0f} "
                 f"tok/s, uncached {r['uncached']['tokens_per_s']:.0f} tok/s, KV-cache speed-up {r['speedup']:.2f}x"
                 + (f", graph {r['graph']['tokens_per_s']:.0f} tok/s ({r['speedup_graph']:.2f}x)" if "graph" in r else "")
+                + (f", first of its shape {r['graph_cold']['tokens_per_s']:.0f} tok/s ({r['speedup_graph_cold']:.2f}x)"
+                   if "graph_cold" in r else "")
                 + (f", graph FAILED: {r['graph_error']}" if "graph_error" in r else "")
                 + f" (same hypotheses: {r['same_output']})")
     if "config" not in r or "ours" not in r:

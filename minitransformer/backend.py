@@ -62,6 +62,11 @@ def xp_for(device):
     return _cupy if check_device(device) == "cuda" else np
 
 
+def address(array):
+    """Where an array's data starts in its device's memory (a captured CUDA graph reads there)."""
+    return array.data.ptr if device_of(array) == "cuda" else array.ctypes.data
+
+
 def is_array(x):
     return isinstance(x, np.ndarray) or (_cupy is not None and isinstance(x, _cupy.ndarray))
 

@@ -17,6 +17,9 @@ a step of a small model is well over a hundred launches of tiny kernels (counted
 that removes their host cost. The replayed search reads its "all done?" flag one step late, so the
 next step is queued before the host waits (H200 figures: docs/results.md).
 """
+import weakref
+from collections import OrderedDict
+
 import numpy as np
 
 from . import backend, kernels
@@ -119,10 +122,18 @@ class _EndedHypotheses:
 
     def __init__(self, xp, B, K, max_len):
         self.xp, self.batch = xp, xp.arange(B)[:, None]
-        self.scores = xp.full((B, 2 * K + 1), -np.inf)        # log P / lp(length)
-        self.lengths = xp.zeros((B, 2 * K + 1), dtype=np.int64)
-        self.tokens = xp.zeros((B, 2 * K + 1, max_len), dtype=np.int64)
-        self.count = xp.zeros(B, dtype=np.int64)
+        self.scores = xp.empty((B, 2 * K + 1))                # log P / lp(length)
+        self.lengths = xp.empty((B, 2 * K + 1), dtype=np.int64)
+        self.tokens = xp.empty((B, 2 * K + 1, max_len), dtype=np.int64)
+        self.count = xp.empty(B, dtype=np.int64)
+        self.reset()
+
+    def reset(self):
+        """None ended yet (in place: a kept search reuses the buffers)."""
+        self.scores.fill(-np.inf)
+        self.lengths.fill(0)
+        self.tokens.fill(0)
+        self.count.fill(0)
 
     def add(self, keep, slot, scores, tokens, length):
         """Where ``keep (B, n)``, hypothesis ``j`` of sentence ``b`` (``scores (B, n)``, its first
@@ -148,19 +159,31 @@ class _Beams:
     on a GPU it can be captured once as a CUDA graph and replayed."""
 
     def __init__(self, xp, B, K, steps, bos_id, eos_id, alpha, limits, capturable=False):
-        self.xp, self.K, self.eos_id, self.alpha, self.limits = xp, K, eos_id, alpha, limits
+        self.xp, self.K, self.bos_id, self.eos_id, self.alpha, self.limits = xp, K, bos_id, eos_id, alpha, limits
         self.capturable = capturable                 # only kernels a CUDA graph can record
-        self.history = xp.full((B * K, steps + 1), bos_id, dtype=np.int64)  # bos, then one token a step
-        self.step_number = xp.zeros((), dtype=np.int64)
-        self.scores = xp.full((B, K), -np.inf)       # log P of each live hypothesis
-        self.scores[:, 0] = 0.0                      # all beams start identical: expand only one
+        self.history = xp.empty((B * K, steps + 1), dtype=np.int64)  # bos, then one token a step
+        self.step_number = xp.empty((), dtype=np.int64)
+        self.scores = xp.empty((B, K))               # log P of each live hypothesis
         self.ended = _EndedHypotheses(xp, B, K, steps)
-        self.done = xp.zeros(B, dtype=bool)
-        self.rows = xp.arange(B * K)                 # the row each slot continues (caches follow it)
+        self.done = xp.empty(B, dtype=bool)
+        self.rows = xp.empty(B * K, dtype=np.int64)  # the row each slot continues (caches follow it)
         # made once: step() is the hot path
         self.batch, self.own_rows = xp.arange(B)[:, None], xp.arange(B * K).reshape(B, K)
         self.rank_of, self.k = xp.arange(2 * K), xp.arange(K)
         self.columns = xp.arange(steps + 1)
+        self.reset(limits)
+
+    def reset(self, limits):
+        """The start of a search over sentences with these output limits, in place (a kept
+        search reuses the buffers, which a captured step reads)."""
+        self.history.fill(self.bos_id)
+        self.step_number[...] = 0
+        self.scores.fill(-np.inf)
+        self.scores[:, 0] = 0.0                      # all beams start identical: expand only one
+        self.ended.reset()
+        self.done.fill(False)
+        self.rows[...] = self.own_rows.reshape(-1)
+        self.limits[...] = limits
 
     def newest(self):
         """``(B·K, 1)``: each hypothesis' newest token (what the cached decoder is fed), picked by
@@ -216,6 +239,79 @@ class _Beams:
         self.step_number += 1
 
 
+class _FixedSearch:
+    """A beam search over a fixed-size cache, kept per model for the next batch of its shape.
+
+    All that a step reads or writes is made once: the encoder output and the source mask (a later
+    batch is copied in), the cross-attention keys and values (recomputed in place), the
+    self-attention cache and the beam state (reset in place). A step is then the same work on the
+    same memory for every batch of this shape, so with ``cuda_graph`` the two graphs recorded
+    during the first batch replay every later one: no eager step, no recording.
+    """
+
+    def __init__(self, model, memory, src_mask, limits, K, steps, bos_id, eos_id, alpha, cuda_graph):
+        xp = backend.get_array_module(memory.data)
+        self.model, self.memory, self.src_mask, self.cuda_graph = model, memory, src_mask, cuda_graph
+        self.beams = _Beams(xp, len(limits), K, steps, bos_id, eos_id, alpha, limits, capturable=cuda_graph)
+        self.cache = model.new_cache(memory.shape[0], max(steps, 1))
+        self.step = self._step
+        if cuda_graph:
+            from .cuda_graph import CapturedStep
+            self.step = CapturedStep(self._step, "beam_search", period=2)   # the cache's two buffers alternate
+        self.searches = 0
+
+    def _step(self):
+        beams, cache = self.beams, self.cache
+        beams.step(_step_logprobs(self.model, beams.newest(), self.memory, self.src_mask, cache))
+        _reorder_cache(cache, beams.rows)
+
+    def start(self, memory, src_mask, limits):
+        """Begin a search of this batch: a later one's inputs go into the first one's buffers."""
+        if self.searches:
+            self.memory.data[...] = memory.data
+            self.src_mask[...] = src_mask
+            self.beams.reset(limits)
+            self.model.reset_cache(self.cache, self.memory)
+        self.searches += 1
+
+    def finished(self):
+        """A fresh ``() -> bool``: all sentences done? Replayed, it reads the flag a step late
+        (``cuda_graph.LaggedAll``): the next step is launched before the host waits, and a step
+        of a finished search changes nothing (every sentence keeps its state)."""
+        if self.cuda_graph:
+            from .cuda_graph import LaggedAll
+            return LaggedAll(self.beams.done, self.step.stream)
+        return lambda: bool(self.beams.done.all())
+
+
+_KEPT = weakref.WeakKeyDictionary()     # model -> {shape and settings: _FixedSearch}, oldest first
+KEEP_SEARCHES = 2                       # fixed-size searches kept per model (each holds its cache)
+
+
+def _fixed_search(model, memory, src_mask, limits, K, steps, bos_id, eos_id, alpha, cuda_graph):
+    """The kept search for this shape and these settings, started on this batch, or a new one.
+    The parameters' addresses are part of the key: a recorded graph reads the weights there."""
+    key = (tuple(memory.shape), memory.dtype.str, K, steps, bos_id, eos_id, alpha, cuda_graph,
+           backend.tf32_enabled(), tuple(backend.address(p.data) for p in model.parameters()))
+    kept = _KEPT.setdefault(model, OrderedDict())
+    search = kept.pop(key, None) or _FixedSearch(model, memory, src_mask, limits, K, steps, bos_id, eos_id,
+                                                 alpha, cuda_graph)
+    kept[key] = search                  # the most recent last
+    while len(kept) > KEEP_SEARCHES:
+        kept.popitem(last=False)
+    search.start(memory, src_mask, limits)
+    return search
+
+
+def release_searches(model=None):
+    """Free the fixed-size searches kept for ``model`` (for every model if None): their caches,
+    beam buffers and recorded CUDA graphs."""
+    if model is None:
+        _KEPT.clear()
+    else:
+        _KEPT.pop(model, None)
+
+
 def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_a=1.0, max_len_b=50,
                 use_cache=True, fixed_cache=False, cuda_graph=False, return_scores=False):
     """Beam search (§6.1: beam 4, α = 0.6, max length = source length + 50).
@@ -231,6 +327,8 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
     max_len)``), so that every step is the same work on the same memory; ``cuda_graph`` (GPU,
     implies ``fixed_cache``) then captures one whole step — decoder, top-k, bookkeeping — as a
     CUDA graph and replays it (``cuda_graph.CapturedStep``). All three give the same hypotheses.
+    A fixed-size search is kept for the next batch of the same shape (the last ``KEEP_SEARCHES``
+    shapes per model; ``release_searches`` frees them), which then reuses its buffers and graphs.
     """
     if beam_size < 1:
         raise ValueError(f"beam_search: beam_size must be >= 1, got {beam_size}")
@@ -250,27 +348,22 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
             raise RuntimeError("beam_search: cuda_graph needs the fused kernels (they are off: "
                                "MINITRANSFORMER_FUSED=0 or backend.set_fused(False))")
         limits = backend.to_device(limits, backend.device_of(memory.data))
-        beams = _Beams(xp, B, K, steps, bos_id, eos_id, alpha, limits, capturable=cuda_graph)
-        cache = None
-        if use_cache:
-            cache = model.new_cache(B * K, max(steps, 1)) if fixed_cache else model.new_cache()
-        prefix = 0
+        if fixed_cache:
+            search = _fixed_search(model, memory, src_mask, limits, K, steps, bos_id, eos_id, alpha, cuda_graph)
+            beams, step, finished = search.beams, search.step, search.finished()
+        else:
+            beams = _Beams(xp, B, K, steps, bos_id, eos_id, alpha, limits)
+            cache = model.new_cache() if use_cache else None
+            prefix = 0
 
-        def step():
-            tokens = beams.newest() if cache is not None else beams.history[:, :prefix + 1]
-            beams.step(_step_logprobs(model, tokens, memory, src_mask, cache))
-            if cache is not None:
-                _reorder_cache(cache, beams.rows)
+            def step():
+                tokens = beams.newest() if cache is not None else beams.history[:, :prefix + 1]
+                beams.step(_step_logprobs(model, tokens, memory, src_mask, cache))
+                if cache is not None:
+                    _reorder_cache(cache, beams.rows)
 
-        def finished():
-            return bool(beams.done.all())
-
-        if cuda_graph:
-            from .cuda_graph import CapturedStep, LaggedAll
-            step = CapturedStep(step, "beam_search", period=2)     # the cache's two buffers alternate
-            # read a step late: the next step is launched before the host waits (a step of a
-            # finished search changes nothing: every sentence keeps its state)
-            finished = LaggedAll(beams.done, step.stream)
+            def finished():
+                return bool(beams.done.all())
         for prefix in range(steps):
             step()
             if finished():

@@ -207,7 +207,8 @@ def test_invalid_beam_size_raises(beam_size, src):
 
 class BigramLM:
     """A stand-in for the Transformer with the decoding interface (``encode``, ``decode``,
-    ``new_cache``): the next-token logits depend only on the previous token, ``table[prev]``."""
+    ``new_cache``, ``reset_cache``, ``parameters``): the next-token logits depend only on the
+    previous token, ``table[prev]``."""
 
     pad_id = PAD_ID
 
@@ -228,6 +229,12 @@ class BigramLM:
 
     def new_cache(self, batch=None, max_len=None):     # fixed-size or growing: nothing to keep
         return {"length": 0, "layers": []}
+
+    def reset_cache(self, cache, memory):               # a kept fixed-size search starts again
+        cache["length"] = 0
+
+    def parameters(self):
+        return []
 
     def decode(self, tgt_ids, memory, src_mask, cache=None, last_only=False):
         assert tgt_ids.shape[0] == memory.shape[0]
@@ -516,3 +523,67 @@ def test_a_step_of_a_finished_search_changes_none_of_what_it_returns(rng):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(beams.rows, np.arange(B * K))     # the caches keep their rows
     assert beams.ended.best() == best
+
+
+# ---- fixed-size searches kept for the next batch of their shape ----------------------------------
+
+def same_shape_batches(rng, n=3, batch=6, width=7):
+    """Batches of one shape (``batch × width``, one full-width row each, so the same longest
+    output) with different tokens and lengths."""
+    out = []
+    for _ in range(n):
+        seqs = random_sequences(rng, batch, max_len=width)
+        seqs[0] = rng.integers(4, VOCAB, size=width).tolist()
+        out.append(collate(seqs, seqs).src)
+    return out
+
+
+def test_a_kept_fixed_size_search_decodes_later_batches_of_its_shape_like_a_fresh_search(model, rng):
+    """The second and third batch of a shape reuse the first one's search (its buffers refilled
+    and reset in place, the cross-attention keys and values recomputed): the same hypotheses and
+    scores as the growing cache, also after the weights change in place between batches."""
+    from minitransformer import decode
+    decode.release_searches(model)
+    batches = same_shape_batches(rng)
+    for i, src in enumerate(batches):
+        if i == 2:
+            model.decoder.layers[0].cross_attn.k_proj.weight.data[...] *= 1.5   # in place: still the same search
+        got = beam_search(model, src, BOS_ID, EOS_ID, 3, max_len_b=5, fixed_cache=True, return_scores=True)
+        want = beam_search(model, src, BOS_ID, EOS_ID, 3, max_len_b=5, return_scores=True)
+        assert got[0] == want[0], i
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+    (search,) = decode._KEPT[model].values()
+    assert search.searches == 3
+
+
+def test_searches_are_kept_per_shape_and_weights_and_can_be_released(rng):
+    """A new shape or a parameter array at a new address (a recorded graph reads weights at their
+    address) gets its own search; at most KEEP_SEARCHES are kept per model, the latest used."""
+    from minitransformer import decode
+    mt.manual_seed(2)
+    model = Transformer(**CONFIG)
+    a, b = same_shape_batches(rng, 2, width=5)
+    (c,) = same_shape_batches(rng, 1, width=6)
+
+    def search(src):
+        beam_search(model, src, BOS_ID, EOS_ID, 2, max_len_b=3, fixed_cache=True)
+        return list(decode._KEPT[model].values())[-1]
+    first = search(a)
+    assert search(b) is first and search(c) is not first
+    assert search(a) is first and len(decode._KEPT[model]) == 2
+    weight = model.generator.weight if model.generator is not None else model.embedding.weight
+    weight.data = weight.data.copy()                     # the same values at a new address
+    moved = search(a)
+    assert moved is not first and moved.searches == 1
+    assert len(decode._KEPT[model]) == decode.KEEP_SEARCHES     # the oldest (shape c) went
+    assert beam_search(model, b, BOS_ID, EOS_ID, 2, max_len_b=3, fixed_cache=True) == \
+        beam_search(model, b, BOS_ID, EOS_ID, 2, max_len_b=3)
+    decode.release_searches(model)
+    assert model not in decode._KEPT
+
+
+def test_only_a_fixed_size_cache_is_reset_in_place():
+    model = Transformer(**CONFIG)
+    memory, _ = model.encode(np.array([[5, 6, 7]]))
+    with pytest.raises(ValueError, match="reset_cache: only a fixed-size cache"):
+        model.reset_cache(model.new_cache(), memory)

@@ -516,3 +516,30 @@ def test_translate_with_replayed_searches_gives_the_eager_translations(tmp_path)
     eager = evaluate.translate(model, tok, sentences, **kw)
     assert evaluate.translate(model, tok, sentences, cuda_graph=True, **kw) == eager
     assert len(set(eager)) > 1
+
+
+def test_a_kept_replayed_search_decodes_later_batches_without_recording_again(rng, monkeypatch):
+    """Batches of one shape through ``beam_search(cuda_graph=True)``: the first records its two
+    graphs, the later ones only replay them (inputs copied in, state reset in place) — and every
+    batch gets the growing cache's hypotheses and scores, sentences ending at different steps."""
+    from minitransformer import cuda_graph, decode
+    from minitransformer.data import BOS_ID, EOS_ID, collate
+    from minitransformer.decode import beam_search
+    recorded = []
+    record = cuda_graph.record
+    monkeypatch.setattr(cuda_graph, "record", lambda *a: recorded.append(1) or record(*a))
+    mt.manual_seed(6)
+    model = mt.nn.Transformer(vocab_size=60, d_model=32, num_heads=4, num_layers=2, d_ff=64, dropout=0.0,
+                              share_embeddings=False).to("cuda")
+    model.generator.weight.data[EOS_ID] *= 1.5
+    decode.release_searches(model)
+    for _ in range(3):
+        seqs = [rng.integers(4, 60, size=rng.integers(3, 9)).tolist() for _ in range(9)] + [[7] * 9]
+        src = collate(seqs, seqs).src                      # 10 × 9 every time
+        got = beam_search(model, src, BOS_ID, EOS_ID, 4, max_len_b=6, cuda_graph=True, return_scores=True)
+        want = beam_search(model, src, BOS_ID, EOS_ID, 4, max_len_b=6, return_scores=True)
+        assert got[0] == want[0]
+        np.testing.assert_allclose(got[1], want[1], rtol=2e-5)
+    (search,) = decode._KEPT[model].values()
+    assert search.searches == 3 and len(recorded) == 2
+    decode.release_searches(model)

@@ -33,6 +33,10 @@ class MultiHeadAttention(Module):
         B, _, L, _ = x.shape
         return x.transpose(0, 2, 1, 3).reshape(B, L, self.d_model)
 
+    def keys_values(self, key, value):
+        """``K = key W^K``, ``V = value W^V`` split into heads: ``(B, h, Lk, d_k)`` each."""
+        return self.split_heads(self.k_proj(key)), self.split_heads(self.v_proj(value))
+
     def forward(self, query, key, value, mask=None, cache=None, static_kv=False):
         """``query (B, Lq, d_model)``, ``key``/``value (B, Lk, d_model)``; ``mask`` boolean,
         True = may attend, broadcastable to ``(B, h, Lq, Lk)``.
@@ -55,8 +59,7 @@ class MultiHeadAttention(Module):
                 cache[name][:, :, cache["at"]] = self.split_heads(proj(x)).data
             k, v = Tensor(cache["k"]), Tensor(cache["v"])
         else:
-            k = self.split_heads(self.k_proj(key))
-            v = self.split_heads(self.v_proj(value))
+            k, v = self.keys_values(key, value)
             if cache is not None:
                 if "k" in cache and not static_kv:
                     k = F.concat([cache["k"], k], axis=2)

@@ -229,6 +229,22 @@ class Transformer(Module):
         return {"length": 0, "layers": layers, "position": position, "slots": slots,
                 "valid": xp.zeros((1, 1, 1, max_len), dtype=bool), "batch": batch}
 
+    def reset_cache(self, cache, memory):
+        """Make a fixed-size cache ready for a new batch of its shape, in place: back to position
+        0, and the cross-attention keys and values (if a first step made them) recomputed from
+        ``memory`` into their buffers, where a captured decoding step reads them."""
+        if "position" not in cache:
+            raise ValueError("reset_cache: only a fixed-size cache (new_cache(batch, max_len)) is reset in place")
+        cache["position"][...] = 0
+        cache["valid"][...] = False
+        cache["length"] = 0
+        for layer, entry in zip(self.decoder.layers, cache["layers"]):
+            kept = entry["cross"]
+            if "k" in kept:
+                k, v = layer.cross_attn.keys_values(memory, memory)
+                kept["k"].data[...] = k.data
+                kept["v"].data[...] = v.data
+
     @staticmethod
     def _fixed_cache_step(cache, shape):
         """Mark the positions this step may attend to (those written so far and its own) and return
