@@ -251,7 +251,10 @@ class _FixedSearch:
 
     def __init__(self, model, memory, src_mask, limits, K, steps, bos_id, eos_id, alpha, cuda_graph):
         xp = backend.get_array_module(memory.data)
-        self.model, self.memory, self.src_mask, self.cuda_graph = model, memory, src_mask, cuda_graph
+        # a weak reference: the search is kept in a dict weakly keyed by the model, which must be
+        # free to go (and its searches with it)
+        self.model = weakref.proxy(model)
+        self.memory, self.src_mask, self.cuda_graph = memory, src_mask, cuda_graph
         self.beams = _Beams(xp, len(limits), K, steps, bos_id, eos_id, alpha, limits, capturable=cuda_graph)
         self.cache = model.new_cache(memory.shape[0], max(steps, 1))
         self.step = self._step

@@ -587,3 +587,17 @@ def test_only_a_fixed_size_cache_is_reset_in_place():
     memory, _ = model.encode(np.array([[5, 6, 7]]))
     with pytest.raises(ValueError, match="reset_cache: only a fixed-size cache"):
         model.reset_cache(model.new_cache(), memory)
+
+
+def test_kept_searches_go_with_their_model(rng):
+    import gc
+
+    from minitransformer import decode
+    model = Transformer(**CONFIG)
+    (src,) = same_shape_batches(rng, 1, width=4)
+    beam_search(model, src, BOS_ID, EOS_ID, 2, max_len_b=2, fixed_cache=True)
+    assert model in decode._KEPT
+    kept = len(decode._KEPT)
+    del model
+    gc.collect()
+    assert len(decode._KEPT) == kept - 1
