@@ -255,18 +255,19 @@ class _FixedSearch:
         # free to go (and its searches with it)
         self.model = weakref.proxy(model)
         self.memory, self.src_mask, self.cuda_graph = memory, src_mask, cuda_graph
-        self.beams = _Beams(xp, len(limits), K, steps, bos_id, eos_id, alpha, limits, capturable=cuda_graph)
-        self.cache = model.new_cache(memory.shape[0], max(steps, 1))
-        self.step = self._step
+        self.beams = beams = _Beams(xp, len(limits), K, steps, bos_id, eos_id, alpha, limits, capturable=cuda_graph)
+        self.cache = cache = model.new_cache(memory.shape[0], max(steps, 1))
+        model = self.model
+
+        def step():     # refers to the buffers, not to self: no cycle, so a dropped search is freed at once
+            beams.step(_step_logprobs(model, beams.newest(), memory, src_mask, cache))
+            _reorder_cache(cache, beams.rows)
+
+        self.step = step
         if cuda_graph:
             from .cuda_graph import CapturedStep
-            self.step = CapturedStep(self._step, "beam_search", period=2)   # the cache's two buffers alternate
+            self.step = CapturedStep(step, "beam_search", period=2)   # the cache's two buffers alternate
         self.searches = 0
-
-    def _step(self):
-        beams, cache = self.beams, self.cache
-        beams.step(_step_logprobs(self.model, beams.newest(), self.memory, self.src_mask, cache))
-        _reorder_cache(cache, beams.rows)
 
     def start(self, memory, src_mask, limits):
         """Begin a search of this batch: a later one's inputs go into the first one's buffers."""

@@ -601,3 +601,24 @@ def test_kept_searches_go_with_their_model(rng):
     del model
     gc.collect()
     assert len(decode._KEPT) == kept - 1
+
+
+def test_a_dropped_search_is_freed_without_waiting_for_the_cycle_collector(rng):
+    """A search holds a GPU memory pool and graphs when replayed: dropping it from the kept ones
+    must free it at once (no reference cycle through its step)."""
+    import gc
+    import weakref as wr
+
+    from minitransformer import decode
+    model = Transformer(**CONFIG)
+    (src,) = same_shape_batches(rng, 1, width=4)
+    beam_search(model, src, BOS_ID, EOS_ID, 2, max_len_b=2, fixed_cache=True)
+    (search,) = decode._KEPT[model].values()
+    gone = wr.ref(search)
+    del search
+    gc.disable()
+    try:
+        decode.release_searches(model)
+        assert gone() is None
+    finally:
+        gc.enable()
