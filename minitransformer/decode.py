@@ -256,7 +256,7 @@ class _FixedSearch:
         self.model = weakref.proxy(model)
         self.memory, self.src_mask, self.cuda_graph = memory, src_mask, cuda_graph
         self.beams = beams = _Beams(xp, len(limits), K, steps, bos_id, eos_id, alpha, limits, capturable=cuda_graph)
-        self.cache = cache = model.new_cache(memory.shape[0], max(steps, 1))
+        self.cache = cache = model.new_cache(memory.shape[0], steps)
         model = self.model
 
         def step():     # refers to the buffers, not to self: no cycle, so a dropped search is freed at once
@@ -292,9 +292,17 @@ _KEPT = weakref.WeakKeyDictionary()     # model -> {shape and settings: _FixedSe
 KEEP_SEARCHES = 2                       # fixed-size searches kept per model (each holds its cache)
 
 
+_ROUND = 8      # a fixed-size search holds outputs of up to a multiple of this: more batches share one
+
+
 def _fixed_search(model, memory, src_mask, limits, K, steps, bos_id, eos_id, alpha, cuda_graph):
     """The kept search for this shape and these settings, started on this batch, or a new one.
-    The parameters' addresses are part of the key: a recorded graph reads the weights there."""
+    Its buffers hold ``steps`` rounded up to a multiple of 8 (within the positional table), so
+    batches whose longest outputs differ a little share it. The parameters' addresses are part
+    of the key: a recorded graph reads the weights there."""
+    rounded = -(-max(steps, 1) // _ROUND) * _ROUND
+    positions = getattr(getattr(model, "config", None), "max_len", None)
+    steps = max(steps, rounded if positions is None else min(rounded, positions))
     key = (tuple(memory.shape), memory.dtype.str, K, steps, bos_id, eos_id, alpha, cuda_graph,
            backend.tf32_enabled(), tuple(backend.address(p.data) for p in model.parameters()))
     kept = _KEPT.setdefault(model, OrderedDict())

@@ -27,7 +27,9 @@ def translate(model, tokenizer, sentences, beam_size=4, alpha=0.6, batch_size=64
     most ``max_len_a · source length + max_len_b`` tokens (§6.1: source length + 50). Sources longer
     than ``max_src_len`` tokens (default: what the model's positional table leaves room for) are
     cut. An empty sentence translates to an empty string. ``cuda_graph`` (GPU): each batch's beam
-    search replays its step as a CUDA graph (``decode.beam_search``; beam 1 too, which equals greedy).
+    search replays its step as a CUDA graph (``decode.beam_search``; beam 1 too, which equals greedy);
+    batches are then padded to widths of a multiple of 8 (padding is masked out), so that batches of
+    one width replay the graphs a kept search recorded.
     """
     sentences = [str(s) for s in sentences]
     if beam_size < 1:
@@ -48,6 +50,8 @@ def translate(model, tokenizer, sentences, beam_size=4, alpha=0.6, batch_size=64
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(ids[i]) for i in chunk)
+        if cuda_graph:      # padded to a multiple of 8: batches of one width reuse a kept search's graphs
+            width = min(-(-width // 8) * 8, positions or width)
         src = np.full((len(chunk), width), model.pad_id, dtype=np.int64)     # (B, S)
         for row, i in enumerate(chunk):
             src[row, :len(ids[i])] = ids[i]

@@ -622,3 +622,21 @@ def test_a_dropped_search_is_freed_without_waiting_for_the_cycle_collector(rng):
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_batches_whose_longest_outputs_differ_a_little_share_a_kept_search(rng):
+    """Buffers hold outputs up to a multiple of 8 positions: a batch whose longest output is 7
+    reuses the search of one whose longest is 8, and still gets the growing cache's results."""
+    from minitransformer import decode
+    mt.set_default_dtype("float64")
+    mt.manual_seed(4)
+    model = Transformer(**CONFIG)
+    (a,) = same_shape_batches(rng, 1, width=5)             # longest source 5: outputs up to 8
+    b = np.full_like(a, PAD_ID)
+    b[:, :4] = rng.integers(4, VOCAB, size=(len(a), 4))    # longest source 4 (padded to 5): up to 7
+    for src in (a, b):
+        got = beam_search(model, src, BOS_ID, EOS_ID, 2, max_len_b=3, fixed_cache=True)
+        assert got == beam_search(model, src, BOS_ID, EOS_ID, 2, max_len_b=3)
+    (search,) = decode._KEPT[model].values()
+    assert search.searches == 2 and search.cache["slots"].shape == (8,)
+    decode.release_searches(model)

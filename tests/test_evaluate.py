@@ -126,3 +126,19 @@ def test_attention_maps_of_a_given_translation(model, tok):
     assert maps["tgt_tokens"] == ["<s>"] + tok.pieces("Hola.") and maps["translation"] == "Hola."
     with pytest.raises(ValueError, match="empty"):
         evaluate.attention_maps(model, tok, "")
+
+
+def test_translate_pads_widths_to_multiples_of_8_for_replayed_searches(model, tok, pairs, monkeypatch):
+    """With ``cuda_graph`` the batches are padded to widths of a multiple of 8 (so that batches of
+    one width reuse a kept search), the padding being pad ids only; without it, to the longest."""
+    widths = {}
+
+    def fake(model, src, bos_id, eos_id, *args, cuda_graph=False, **kwargs):
+        widths.setdefault(cuda_graph, []).append(src.shape[1])
+        return [[int(i) for i in row if i != model.pad_id] for row in src]
+    monkeypatch.setattr(evaluate, "beam_search", fake)
+    sentences = [s for s, _ in pairs[:40]]
+    for cuda_graph in (False, True):
+        assert evaluate.translate(model, tok, sentences, batch_size=8, cuda_graph=cuda_graph) == sentences
+    assert all(w % 8 == 0 for w in widths[True]) and any(w % 8 for w in widths[False])
+    assert [-(-w // 8) * 8 for w in widths[False]] == widths[True]
