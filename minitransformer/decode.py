@@ -290,9 +290,7 @@ class _FixedSearch:
 
 _KEPT = weakref.WeakKeyDictionary()     # model -> {shape and settings: _FixedSearch}, oldest first
 KEEP_SEARCHES = 2                       # fixed-size searches kept per model (each holds its cache)
-
-
-_ROUND = 8      # a fixed-size search holds outputs of up to a multiple of this: more batches share one
+_ROUND = 8                              # they hold outputs up to a multiple of this: more batches share one
 
 
 def _fixed_search(model, memory, src_mask, limits, K, steps, bos_id, eos_id, alpha, cuda_graph):
