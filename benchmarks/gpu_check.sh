@@ -7,7 +7,8 @@
 #      scored by the same decoder (BLEU, chrF).
 # Logs go to $OUT (default ./gpu-check). The corpus comes from $MINITRANSFORMER_CACHE (no network needed
 # when spa.tsv is already there). STEPS (default 1500) sets the length of the training runs, SEEDS
-# (default "0") how many pairs of runs (e.g. SEEDS="0 1 2": three, side by side on one GPU); TRAIN=0
+# (default "0") how many pairs of runs (e.g. SEEDS="0 1 2": three, side by side on one GPU; each run's
+# checkpoint is then evaluated on the whole test split eagerly and with --cuda-graph, EVAL_GRAPH=0 skips it); TRAIN=0
 # leaves them out, DECODE=0 the decode benchmark, TWIN=0 the twins, TRAIN_ARGS adds options to our runs (e.g. --cuda-graph),
 # EXTRA=1 adds our unfused step, the per-op profile and where a replayed decoding step's time goes. The step benchmarks time our step eagerly and
 # replayed as a CUDA graph (--cuda-graph: a third side).
@@ -93,7 +94,13 @@ if [ "${TRAIN:-1}" = 1 ]; then
     rm -rf "runs/gpu-s$seed" "runs/gpu-torch-s$seed"
     ( /usr/bin/time -f "wall %e s" timeout 900 $PY -m minitransformer train --device "$DEVICE" --preset small \
         --steps "$STEPS" --seed "$seed" --out "runs/gpu-s$seed" --no-progress ${TRAIN_ARGS:-} > "runs/train-s$seed.log" 2>&1
-      echo "train exit $?" >> "runs/train-s$seed.log" ) &
+      echo "train exit $?" >> "runs/train-s$seed.log"
+      if [ "${EVAL_GRAPH:-1}" = 1 ]; then   # the whole test split decoded eagerly and replayed: same BLEU?
+        for graph in "" --cuda-graph; do
+          /usr/bin/time -f "wall %e s" timeout 600 $PY -m minitransformer evaluate --checkpoint "runs/gpu-s$seed" \
+            --device "$DEVICE" --no-progress $graph > "runs/eval${graph:+-graph}-s$seed.log" 2>&1
+        done
+      fi ) &
     pids+=($!)
     for _ in $(seq 600); do   # the twin starts once the run has written its config and tokenizer
       [ -f "runs/gpu-s$seed/tokenizer.model" ] || ! kill -0 "${pids[-1]}" 2>/dev/null && break; sleep 1
@@ -129,6 +136,13 @@ for seed in os.environ["SEEDS"].split():
     rows.append((seed, ours.get("bleu"), float(twin[-1]) if twin else None, wall[-1] if wall else "?"))
     print(f"seed {seed}: ours BLEU {ours.get('bleu')}  chrF {ours.get('chrf')}  (train command {rows[-1][3]} s)  "
           f"twin BLEU {rows[-1][2]}")
+    for name in ("eval", "eval-graph"):      # all test sentences, eagerly and replayed (EVAL_GRAPH)
+        log = f"runs/{name}-s{seed}.log"
+        if os.path.exists(log):
+            text = open(log).read()
+            found = [re.findall(p, text, re.M) for p in (r"^BLEU = ([0-9.]+)", r"^wall ([0-9.]+) s")]
+            print(f"  evaluate{' --cuda-graph' if name == 'eval-graph' else ''}: BLEU "
+                  f"{found[0][-1] if found[0] else '?'} in {found[1][-1] if found[1] else '?'} s")
 pairs = [(o, t) for _, o, t, _ in rows if o is not None and t is not None]
 if pairs:
     diffs = [o - t for o, t in pairs]
