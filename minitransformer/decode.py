@@ -108,10 +108,11 @@ def _reorder_cache(cache, rows):
             if isinstance(kept[name], Tensor):
                 kept[name] = Tensor(kept[name].data[rows])
                 continue
+            xp = backend.get_array_module(kept[name])
             spare = kept.get("spare_" + name)
             if spare is None:
-                spare = kept["spare_" + name] = backend.get_array_module(kept[name]).empty_like(kept[name])
-            backend.get_array_module(spare).take(kept[name], rows, axis=0, out=spare)
+                spare = kept["spare_" + name] = xp.empty_like(kept[name])
+            xp.take(kept[name], rows, axis=0, out=spare)
             kept[name], kept["spare_" + name] = spare, kept[name]
 
 

@@ -55,8 +55,8 @@ class MultiHeadAttention(Module):
         if cache is not None and static_kv and "k" in cache:
             k, v = cache["k"], cache["v"]
         elif cache is not None and "at" in cache:        # fixed size: same buffers every step
-            for name, proj, x in (("k", self.k_proj, key), ("v", self.v_proj, value)):
-                cache[name][:, :, cache["at"]] = self.split_heads(proj(x)).data
+            k, v = self.keys_values(key, value)
+            cache["k"][:, :, cache["at"]], cache["v"][:, :, cache["at"]] = k.data, v.data
             k, v = Tensor(cache["k"]), Tensor(cache["v"])
         else:
             k, v = self.keys_values(key, value)
