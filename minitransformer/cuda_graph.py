@@ -28,7 +28,7 @@ import numpy as np
 from . import backend
 from .data import Batch
 from .functional.embedding import check_ids
-from .kernels.capture import Blas, Capture, upload_async
+from .kernels.capture import Blas, Capture, pinned_empty, upload_async
 from .optim import Adam
 from .train import train_step
 
@@ -112,10 +112,8 @@ class LaggedAll:
     (a replayed decoding step: one launch, then the GPU would idle while the host checks)."""
 
     def __init__(self, array, stream):
-        cp = backend.cupy()
         self.array, self.stream = array, stream
-        self._memory = [cp.cuda.alloc_pinned_memory(1) for _ in range(2)]
-        self._host = [np.frombuffer(m, dtype=np.bool_, count=1) for m in self._memory]
+        self._memory, self._host = zip(*(pinned_empty((1,), np.bool_) for _ in range(2)))
         self._pending = [None, None]        # (event, the device flag it copies) per buffer
         self.calls = 0
 

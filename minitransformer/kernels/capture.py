@@ -130,8 +130,7 @@ class Capture:
         """A device copy of ``host`` made inside the capture (from a pinned buffer kept alive here)."""
         cp = backend.cupy()
         host = np.ascontiguousarray(host)
-        memory = cp.cuda.alloc_pinned_memory(max(host.nbytes, 1))
-        pinned = np.frombuffer(memory, dtype=host.dtype, count=host.size).reshape(host.shape)
+        memory, pinned = pinned_empty(host.shape, host.dtype)
         pinned[...] = host
         self.pinned.append(memory)
         device = cp.empty(host.shape, dtype=host.dtype)
@@ -139,6 +138,15 @@ class Capture:
             cp.cuda.runtime.memcpyAsync(device.data.ptr, pinned.ctypes.data, host.nbytes,
                                         cp.cuda.runtime.memcpyHostToDevice, self.stream.ptr)
         return device
+
+
+def pinned_empty(shape, dtype):
+    """``(memory, array)``: a host array in page-locked memory (the GPU copies to or from it
+    asynchronously; keep ``memory`` alive as long as a copy or a graph may use it)."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape))
+    memory = backend.cupy().cuda.alloc_pinned_memory(max(size * dtype.itemsize, 1))
+    return memory, np.frombuffer(memory, dtype=dtype, count=size).reshape(shape)
 
 
 def upload_async(device, host, stream):
