@@ -162,19 +162,34 @@ class Tensor:
                 raise ValueError(f"backward: grad has shape {grad.shape}, expected {self.shape}")
 
         grads = {id(self): grad}
+        owned = set()   # ids whose array in ``grads`` the walk made itself: it may add into them in place
         for node in reversed(_topological_order(self)):
             g = grads.pop(id(node), None)
             if g is None:
                 continue
             if node._backward is None or node._retain_grad:
-                node.grad = _contiguous(g) if node.grad is None else node.grad + g
+                node.grad = _leaf_grad(g) if node.grad is None else node.grad + g
             if node._backward is None:
                 continue
             for parent, parent_grad in zip(node.parents, node._backward(g)):
                 if parent_grad is None or not parent.requires_grad:
                     continue
                 key = id(parent)
-                grads[key] = parent_grad if key not in grads else grads[key] + parent_grad
+                if type(parent_grad) is Part:
+                    if key not in owned:   # one zero-filled gradient of the whole parent, shared by its parts
+                        whole = parent.xp.zeros(parent.shape, parent.dtype)
+                        if key in grads:
+                            whole += grads[key]
+                        grads[key] = whole
+                        owned.add(key)
+                    grads[key][parent_grad.index] += parent_grad.grad
+                elif key not in grads:
+                    grads[key] = parent_grad
+                elif key in owned:
+                    grads[key] += parent_grad
+                else:
+                    grads[key] = grads[key] + parent_grad
+                    owned.add(key)
             if not retain_graph:  # free saved activations as soon as they are used
                 node._backward, node.parents = _freed_backward, ()
 
@@ -298,9 +313,24 @@ def _topological_order(root):
     return order
 
 
-def _contiguous(array):
-    # Broadcast views reach here (e.g. from sum's backward); a leaf's .grad should own its memory.
-    return array if array.flags.c_contiguous and array.base is None else array.copy()
+class Part:
+    """What a backward may return for a parent it read only part of (``parent[index]``, basic
+    indexing): the gradient of that part. The walk adds every part into one zero-filled gradient of
+    the parent, so that reading q, k and v out of one packed array costs one buffer, not three."""
+
+    __slots__ = ("index", "grad")
+
+    def __init__(self, index, grad):
+        self.index, self.grad = index, grad
+
+
+def _leaf_grad(array):
+    """A leaf's ``.grad``: a C-contiguous array that can be written. A broadcast view (from sum's
+    backward: read-only, or with repeated elements) is copied; a contiguous slice of a bigger
+    gradient (one weight of a packed projection) is kept as it is."""
+    if array.flags.c_contiguous and getattr(array.flags, "writeable", True):
+        return array
+    return array.copy()
 
 
 def _array(x):

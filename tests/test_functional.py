@@ -207,6 +207,14 @@ for _name, _index in [("slices", (slice(1, None), slice(None, None, 2))), ("int"
     def _make(rng, index=_index):
         return [normal(rng, 4, 3, 2)], (lambda x: F.getitem(x, index)), (lambda x: x[index])
 
+for _shape, _axes in [((2, 3, 4), (1, 0, 2)), ((2, 3, 4, 5), (2, 0, 3, 1)), ((3, 4), (0, 1))]:
+    @case("contiguous", f"{_shape}-{_axes}")
+    def _make(rng, shape=_shape, axes=_axes):
+        # a strided view made contiguous (a copy), then weighted so a misplaced gradient shows
+        weights = rng.standard_normal(tuple(shape[a] for a in axes))
+        return ([normal(rng, *shape)], (lambda x: F.contiguous(F.transpose(x, axes)) * weights.astype(x.dtype)),
+                (lambda x: x.permute(axes).contiguous() * torch.tensor(weights, dtype=x.dtype)))
+
 for _shape, _new in [((2, 3, 4), (6, 4)), ((2, 3, 4), (-1,)), ((12,), (3, 2, 2)), ((3, 4), (4, 1, 3))]:
     @case("reshape", f"{_shape}->{_new}")
     def _make(rng, shape=_shape, new=_new):
@@ -490,6 +498,31 @@ def test_concat_gradient_skips_constant_inputs(device, randn):
     (y * y).sum().backward()
     np.testing.assert_allclose(grad_of(a), 2 * a.numpy())
     assert b.grad is None
+
+
+def test_concat_of_packed_parameters_is_a_view_with_the_same_gradients(device, rng):
+    """Parameters packed side by side (as W^Q, W^K, W^V are) are joined without a copy; values and
+    gradients are those of the copying concat."""
+    from minitransformer.nn.module import Parameter, pack
+    arrays = [rng.standard_normal((2, 3)), rng.standard_normal((4, 3)), rng.standard_normal((1, 3))]
+    packed = [Parameter(mt.tensor(a, device=device).data) for a in arrays]
+    loose = [Parameter(mt.tensor(a, device=device).data) for a in arrays]
+    pack(packed)
+    weights = mt.tensor(rng.standard_normal((7, 3)), dtype="float64", device=device)
+    joined = F.concat(packed)
+    assert backend.address(joined.data) == backend.address(packed[0].data)   # a view: no copy
+    assert F.concat(packed[1:]).data.shape == (5, 3)                         # a run of them too
+    copied = F.concat(loose)
+    np.testing.assert_array_equal(joined.numpy(), copied.numpy())
+    (joined * weights).sum().backward()
+    (copied * weights).sum().backward()
+    for p, q in zip(packed, loose):
+        np.testing.assert_array_equal(grad_of(p), grad_of(q))
+    # out of order, or with a gap, the pieces are copied
+    for pieces in ([packed[1], packed[0]], [packed[0], packed[2]]):
+        out = F.concat(pieces)
+        assert backend.address(out.data) not in [backend.address(p.data) for p in packed]
+        np.testing.assert_array_equal(out.numpy(), np.concatenate([p.numpy() for p in pieces]))
 
 
 def test_masked_fill_accepts_a_list_mask(device, randn):

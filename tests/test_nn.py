@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import minitransformer as mt
+from minitransformer import functional as F
 from minitransformer import nn
 
 SMALL = dict(vocab_size=40, d_model=16, num_heads=4, num_layers=2, d_ff=32, pad_id=0, max_len=32)
@@ -315,6 +316,59 @@ def test_multi_head_attention_matches_per_head_formula(rng):
         p = np.exp(s - s.max(-1, keepdims=True))
         heads.append((p / p.sum(-1, keepdims=True)) @ V[..., cols])
     np.testing.assert_allclose(out, proj(mha.out_proj, np.concatenate(heads, -1)), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("inputs", ["self", "cross", "distinct"])
+def test_one_product_projections_match_three(inputs, rng):
+    """Self-attention (one product for Q, K, V) and cross-attention (one for K, V) give the output and
+    every gradient of three separate projections (the same input as three different tensors)."""
+    mt.set_default_dtype("float64")
+    d, h = 12, 3
+    packed, separate = nn.MultiHeadAttention(d, h), nn.MultiHeadAttention(d, h)
+    separate.load_state_dict(packed.state_dict())
+    x, m, m2 = (rng.standard_normal(s) for s in [(2, 5, d), (2, 4, d), (2, 4, d)])
+    mask = mt.tensor(rng.random((2, 1, 5, 5 if inputs == "self" else 4)) > 0.3)
+    g = rng.standard_normal((2, 5, d))
+
+    def run(mha, share):
+        xt = mt.tensor(x, requires_grad=True)
+        if inputs == "self":
+            args = (xt, xt, xt) if share else (xt, xt * 1.0, xt * 1.0)
+        else:
+            mt_ = mt.tensor(m, requires_grad=True)
+            last = mt_ if inputs == "cross" else mt.tensor(m2, requires_grad=True)
+            args = (xt, mt_, last) if share else (xt, mt_ * 1.0, last * 1.0)
+        out = mha(*args, mask=mask)
+        out.backward(g)
+        return out.numpy(), xt.grad, {n: p.grad for n, p in mha.named_parameters()}
+
+    out_p, dx_p, grads_p = run(packed, True)
+    out_s, dx_s, grads_s = run(separate, False)
+    np.testing.assert_allclose(out_p, out_s, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx_p, dx_s, rtol=1e-10, atol=1e-12)
+    for name in grads_s:
+        np.testing.assert_allclose(grads_p[name], grads_s[name], rtol=1e-10, atol=1e-12, err_msg=name)
+        assert grads_p[name].flags.c_contiguous and grads_p[name].shape == grads_s[name].shape
+
+
+def test_projection_weights_stay_packed_when_loaded_and_moved(device, rng):
+    """W^Q, W^K, W^V share one buffer from construction on; loading a state dict copies into it and
+    ``.to(device)`` moves it whole, so the one-product path never falls back to copying them."""
+    from minitransformer import backend
+    mha = nn.MultiHeadAttention(8, 2)
+    state = {k: rng.standard_normal(v.shape).astype(v.dtype) for k, v in mha.state_dict().items()}
+    mha.load_state_dict(state)
+    mha.to(device)
+    for part in ("weight", "bias"):
+        params = [getattr(getattr(mha, f"{n}_proj"), part) for n in "qkv"]
+        joined = F.concat(params)
+        assert backend.address(joined.data) == backend.address(params[0].data)    # a view, no copy
+        np.testing.assert_array_equal(
+            joined.numpy(), np.concatenate([state[f"{n}_proj.{part}"] for n in "qkv"]))
+    assert list(mha.state_dict()) == list(state)
+    x = mt.tensor(rng.standard_normal((2, 3, 8)), device=device)
+    mha(x, x, x).sum().backward()
+    assert mha.k_proj.weight.grad.shape == (8, 8) and mha.k_proj.weight.grad.flags.c_contiguous
 
 
 def test_multi_head_attention_rejects_bad_sizes():

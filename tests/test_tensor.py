@@ -424,12 +424,37 @@ def test_retain_graph_allows_a_second_backward(device, randn):
     np.testing.assert_allclose(mt.backend.to_numpy(x.grad), 4 * x.numpy())
 
 
-def test_leaf_grad_owns_its_memory(device, randn):
+def test_leaf_grad_is_never_a_broadcast_view(device, randn):
     x = randn(3, 4)
     x.sum().backward()                         # sum's backward is a broadcast view
     grad = x.grad
     assert grad.flags.c_contiguous and grad.base is None
     np.testing.assert_array_equal(mt.backend.to_numpy(grad), np.ones((3, 4)))
+
+
+def test_parts_of_a_tensor_fill_one_gradient(device, randn, rng):
+    """Gradients of x[0], x[1:3], x[3] (basic indexing: parts) and of x itself (whole) add up,
+    whichever comes first in the walk, and a second backward adds the same again."""
+    x = randn(4, 3)
+    w = [rng.standard_normal(s) for s in [(3,), (2, 3), (3,), (4, 3)]]
+    y = ((x[0] * w[0]).sum() + (x[1:3] * w[1]).sum() + (x * w[3]).sum() + (x[3] * w[2]).sum()
+         + (x[1:3] * w[1]).sum())
+    y.backward(retain_graph=True)
+    expected = w[3].copy()
+    expected[0] += w[0]
+    expected[1:3] += 2 * w[1]
+    expected[3] += w[2]
+    np.testing.assert_allclose(mt.backend.to_numpy(x.grad), expected, rtol=1e-12)
+    y.backward()
+    np.testing.assert_allclose(mt.backend.to_numpy(x.grad), 2 * expected, rtol=1e-12)
+
+
+def test_parts_reach_an_intermediate_tensor_that_retains_its_grad(device, randn):
+    x = randn(2, 3)
+    h = (x * 3.0).retain_grad()
+    (h[0] * 2.0 + h[1]).sum().backward()
+    np.testing.assert_array_equal(mt.backend.to_numpy(h.grad), [[2.0] * 3, [1.0] * 3])
+    np.testing.assert_array_equal(mt.backend.to_numpy(x.grad), [[6.0] * 3, [3.0] * 3])
 
 
 def test_integer_tensors_mix_with_floats_as_in_pytorch(device):

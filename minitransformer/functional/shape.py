@@ -1,8 +1,8 @@
 """Ops that move elements around without arithmetic: reshape, transpose, indexing, concat,
-split, masked_fill. Each backward puts the gradient back where the element came from.
+split, contiguous, masked_fill. Each backward puts the gradient back where the element came from.
 docs/backward.md#shape-ops."""
 from .. import backend
-from ..tensor import Tensor, as_tensor, check_same_device, make_op
+from ..tensor import Part, Tensor, as_tensor, check_same_device, make_op
 
 
 def reshape(x, *shape):
@@ -54,8 +54,10 @@ def _is_advanced(index):
 def getitem(x, index):
     """``x[index]`` with ints, slices, ``None``, ``...`` and integer/boolean arrays.
 
-    Backward scatters ``g`` into zeros of ``x``'s shape; with integer arrays repeated positions
-    *add up* (a scatter-add), since each use of an element contributes to its gradient.
+    Backward puts ``g`` where the elements came from in zeros of ``x``'s shape; with integer
+    arrays repeated positions *add up* (a scatter-add), since each use of an element contributes
+    to its gradient. With basic indexing (ints, slices) the gradient is returned as a ``Part`` of
+    ``x``: the parts of ``x`` read by several getitems fill one zero-filled gradient together.
     """
     index = _plain_index(index, x)
     try:
@@ -63,12 +65,12 @@ def getitem(x, index):
     except IndexError as e:
         raise IndexError(f"getitem: {e} (tensor shape {x.shape})") from None
 
+    if not _is_advanced(index):
+        return make_op(y, (x,), lambda g: (Part(index, g),), "getitem")
+
     def backward(g):
         dx = x.xp.zeros_like(x.data)
-        if _is_advanced(index):
-            backend.scatter_add(dx, index, g)
-        else:
-            dx[index] = g
+        backend.scatter_add(dx, index, g)
         return (dx,)
     return make_op(y, (x,), backward, "getitem")
 
@@ -93,7 +95,33 @@ def concat(tensors, axis=0):
     def backward(g):
         return tuple(g[(slice(None),) * axis + (slice(lo, hi),)] if t.requires_grad else None
                      for t, lo, hi in zip(tensors, bounds[:-1], bounds[1:]))
-    return make_op(xp.concatenate([t.data for t in tensors], axis=axis), tuple(tensors), backward, "concat")
+    joined = _packed_view(tensors) if axis == 0 else None
+    if joined is None:
+        joined = xp.concatenate([t.data for t in tensors], axis=axis)
+    return make_op(joined, tuple(tensors), backward, "concat")
+
+
+def _packed_view(tensors):
+    """Parameters that lie one after another in one buffer (``nn.module.pack``: W^Q, W^K, W^V)
+    joined along axis 0 without a copy, as a view of that buffer; None for anything else."""
+    first = getattr(tensors[0], "packed", None)
+    if first is None:
+        return None
+    buffer, start = first
+    end = start
+    for t in tensors:
+        packed = getattr(t, "packed", None)
+        if packed is None or packed[0] is not buffer or packed[1] != end or t.data.base is not buffer \
+                or not t.data.flags.c_contiguous:
+            return None
+        end += t.size
+    return buffer[start:end].reshape(-1, *tensors[0].shape[1:])
+
+
+def contiguous(x):
+    """The same values laid out C-contiguously (a copy only when ``x`` is a strided view); backward
+    passes the gradient through. Used where one copy now saves several later (the packed Q, K, V)."""
+    return make_op(x.xp.ascontiguousarray(x.data), (x,), lambda g: (g,), "contiguous")
 
 
 def split(x, split_size_or_sections, axis=0):

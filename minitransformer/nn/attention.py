@@ -5,11 +5,17 @@
 The h heads are computed at once: ``q_proj`` maps d_model to h·d_k, which is reshaped to
 ``(B, h, L, d_k)``. The fused scaled dot-product attention (``functional/attention.py``) does
 the rest, and the weights of the last call are kept at ``.attention_weights`` for plotting.
+
+W^Q, W^K and W^V are three parameters (``q_proj``, ``k_proj``, ``v_proj``, each with its own
+``.grad``), but they live side by side in one buffer (``module.pack``): in self-attention, where
+Q, K and V are projections of the same input, one product ``x [W^Q; W^K; W^V]ᵀ`` computes all
+three (in cross-attention one product gives K and V of the encoder output). Fewer, larger
+products: on a GPU a small model's step is bound by the number of launches.
 """
 from .. import functional as F
 from ..tensor import Tensor
 from .layers import Linear
-from .module import Module
+from .module import Module, pack
 
 
 class MultiHeadAttention(Module):
@@ -23,6 +29,9 @@ class MultiHeadAttention(Module):
         self.k_proj = Linear(d_model, d_model)
         self.v_proj = Linear(d_model, d_model)
         self.out_proj = Linear(d_model, d_model)
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        pack([p.weight for p in projections])
+        pack([p.bias for p in projections])
         self.attention_weights = None   # (B, h, Lq, Lk) of the last forward, before dropout
 
     def split_heads(self, x):            # (B, L, d_model) -> (B, h, L, d_k)
@@ -33,9 +42,30 @@ class MultiHeadAttention(Module):
         B, _, L, _ = x.shape
         return x.transpose(0, 2, 1, 3).reshape(B, L, self.d_model)
 
+    def project(self, x, projections):
+        """``x W_iᵀ + b_i`` for each of ``projections`` by one product, split into heads: a tuple of
+        ``(B, h, L, d_k)`` tensors. The weights are read in place where they are packed."""
+        n = len(projections)
+        weight = F.concat([p.weight for p in projections])                # (n·d_model, d_model)
+        bias = F.concat([p.bias for p in projections])
+        y = F.linear(x, weight, bias)                                      # (B, L, n·d_model)
+        B, L, _ = y.shape
+        # one copy puts every head of Q, K and V in place for the attention products
+        heads = F.contiguous(y.reshape(B, L, n, self.num_heads, self.d_k).transpose(2, 0, 3, 1, 4))
+        return tuple(heads[i] for i in range(n))                          # (n, B, h, L, d_k) -> n views
+
     def keys_values(self, key, value):
-        """``K = key W^K``, ``V = value W^V`` split into heads: ``(B, h, Lk, d_k)`` each."""
+        """``K = key W^K``, ``V = value W^V`` split into heads: ``(B, h, Lk, d_k)`` each (one product
+        when ``key is value``, as in cross-attention over the encoder output)."""
+        if key is value:
+            return self.project(key, (self.k_proj, self.v_proj))
         return self.split_heads(self.k_proj(key)), self.split_heads(self.v_proj(value))
+
+    def queries_keys_values(self, query, key, value):
+        """Q, K and V split into heads; one product for all three in self-attention."""
+        if query is key and key is value:
+            return self.project(query, (self.q_proj, self.k_proj, self.v_proj))
+        return (self.split_heads(self.q_proj(query)), *self.keys_values(key, value))
 
     def forward(self, query, key, value, mask=None, cache=None, static_kv=False):
         """``query (B, Lq, d_model)``, ``key``/``value (B, Lk, d_model)``; ``mask`` boolean,
@@ -51,15 +81,14 @@ class MultiHeadAttention(Module):
         if query.shape[-1] != self.d_model:
             raise ValueError(f"MultiHeadAttention: query's last axis must be d_model={self.d_model}, "
                              f"got shape {query.shape}")
-        q = self.split_heads(self.q_proj(query))
         if cache is not None and static_kv and "k" in cache:
-            k, v = cache["k"], cache["v"]
+            q, k, v = self.split_heads(self.q_proj(query)), cache["k"], cache["v"]
         elif cache is not None and "at" in cache:        # fixed size: same buffers every step
-            k, v = self.keys_values(key, value)
+            q, k, v = self.queries_keys_values(query, key, value)
             cache["k"][:, :, cache["at"]], cache["v"][:, :, cache["at"]] = k.data, v.data
             k, v = Tensor(cache["k"]), Tensor(cache["v"])
         else:
-            k, v = self.keys_values(key, value)
+            q, k, v = self.queries_keys_values(query, key, value)
             if cache is not None:
                 if "k" in cache and not static_kv:
                     k = F.concat([cache["k"], k], axis=2)

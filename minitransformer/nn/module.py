@@ -13,10 +13,13 @@ from ..tensor import Tensor
 
 
 class Parameter(Tensor):
-    """A tensor that is trained: a leaf with ``requires_grad=True``."""
+    """A tensor that is trained: a leaf with ``requires_grad=True``.
+
+    ``packed`` is ``(buffer, start)`` when ``pack`` put its array in a buffer shared with others."""
 
     def __init__(self, data, requires_grad=True):
         super().__init__(data, requires_grad=requires_grad)
+        self.packed = None
 
 
 class Module:
@@ -88,10 +91,19 @@ class Module:
             p.grad = None
 
     def to(self, device):
-        """Move every parameter and buffer to ``device`` in place (tied parameters stay tied)."""
+        """Move every parameter and buffer to ``device`` in place (tied parameters stay tied, and
+        parameters packed side by side in one buffer by ``pack`` stay packed)."""
         device = backend.check_device(device)
+        moved = {}   # id(buffer) -> the buffer on ``device``: a packed buffer moves once, whole
         for p in self.parameters():
-            p.data = backend.to_device(p.data, device)
+            if p.packed is not None and p.data.base is p.packed[0]:
+                buffer, start = p.packed
+                if id(buffer) not in moved:
+                    moved[id(buffer)] = backend.to_device(buffer, device)
+                p.packed = (moved[id(buffer)], start)
+                p.data = p.packed[0][start:start + p.size].reshape(p.shape)
+            else:
+                p.data, p.packed = backend.to_device(p.data, device), None
             if p.grad is not None:
                 p.grad = backend.to_device(p.grad, device)
         for m in self.modules():
@@ -113,7 +125,9 @@ class Module:
     def load_state_dict(self, state, strict=True):
         """Copy arrays into the parameters, checking names and shapes.
 
-        With ``strict`` a missing or unexpected key is an error; a wrong shape always is.
+        With ``strict`` a missing or unexpected key is an error; a wrong shape always is. The values
+        are copied *into* the parameters' arrays: packed parameters stay packed, and a CUDA graph
+        that reads the weights where they are sees the loaded ones.
         """
         params = dict(self.named_parameters())
         missing = [k for k in params if k not in state]
@@ -127,7 +141,7 @@ class Module:
             if value.shape != p.shape:
                 raise ValueError(f"load_state_dict: {name} has shape {value.shape} in the state dict, "
                                  f"expected {p.shape}")
-            p.data = backend.to_device(value.astype(p.dtype, copy=True), p.device)
+            p.data[...] = backend.to_device(value.astype(p.dtype, copy=False), p.device)
         return missing, unexpected
 
     def __repr__(self):
@@ -139,6 +153,24 @@ class Module:
 
     def extra_repr(self):
         return ""
+
+
+def pack(params):
+    """Put the arrays of ``params`` (one dtype, one device) one after another in one new buffer,
+    values unchanged, each parameter's ``.data`` becoming a view of it. ``F.concat`` of packed
+    parameters along axis 0 is then a view, not a copy: how multi-head attention computes Q, K and
+    V with one product while W^Q, W^K, W^V stay three parameters with their own names and grads."""
+    first = params[0]
+    if any(p.dtype != first.dtype or p.device != first.device for p in params):
+        raise ValueError(f"pack: parameters must share dtype and device, got "
+                         f"{[(str(p.dtype), p.device) for p in params]}")
+    buffer = first.xp.empty(sum(p.size for p in params), dtype=first.dtype)
+    start = 0
+    for p in params:
+        view = buffer[start:start + p.size].reshape(p.shape)
+        view[...] = p.data
+        p.data, p.packed = view, (buffer, start)
+        start += p.size
 
 
 class ModuleList(Module):
