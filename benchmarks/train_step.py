@@ -63,15 +63,19 @@ def timed(step, sync, times):
     times.append(time.perf_counter() - t)
 
 
-def setup_ours(c, device, args, graph=False):
+def setup_ours(c, device, args, graph=False, one_product=True):
     """(step, sync, peak) for minitransformer, eager or (``graph``) replayed as a CUDA graph;
-    ``peak()`` measures one more step's peak memory."""
+    ``peak()`` measures one more step's peak memory. ``one_product=False``: attention computes
+    Q, K, V by three products (``MultiHeadAttention.one_product``), for comparison."""
     import minitransformer as mt
     from minitransformer.data import Batch
     from minitransformer.optim import Adam, NoamSchedule
     from minitransformer.train import train_step
     mt.manual_seed(0)
     model = mt.nn.Transformer(**model_kwargs(c, args.dropout)).to(device)
+    for m in model.modules():
+        if isinstance(m, mt.nn.MultiHeadAttention):
+            m.one_product = one_product
     src, tgt_in, tgt_out = make_batch(c)
     batch = Batch(src, tgt_in, tgt_out, np.arange(len(src)))
     opt = Adam(model.parameters(), lr=0.0)
@@ -173,6 +177,9 @@ def main():
                         help="also time our step replayed as a CUDA graph (a third side, 'ours_graph')")
     parser.add_argument("--unfused", action="store_true",
                         help="our side without the fused GPU kernels (array formulas only), for comparison")
+    parser.add_argument("--three-products", action="store_true",
+                        help="also time our eager step with Q, K, V by three products instead of one "
+                             "(a side 'ours_3prod'; the ratio one/three is printed)")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and side")
@@ -202,6 +209,8 @@ def main():
     result = {"config": args.config, "device": args.device, "tf32": args.tf32, "fused": not args.unfused,
               "keep_freed_memory": args.keep_freed_memory, **c}
     sides = {"ours": setup_ours(c, args.device, args)}
+    if args.three_products:
+        sides["ours_3prod"] = setup_ours(c, args.device, args, one_product=False)
     if args.cuda_graph:
         sides["ours_graph"] = setup_ours(c, args.device, args, graph=True)
     sides["torch"] = setup_torch(c, args.device, args)
@@ -211,6 +220,8 @@ def main():
     result["ratio_tokens_per_s"] = result["ours"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
     if args.cuda_graph:
         result["ratio_graph_tokens_per_s"] = result["ours_graph"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
+    if args.three_products:
+        result["ratio_one_vs_three_products"] = result["ours"]["tokens_per_s"] / result["ours_3prod"]["tokens_per_s"]
     if args.device == "cuda":
         result["ratio_peak_memory"] = result["ours"]["peak_mib"] / result["torch"]["peak_mib"]
     if args.json:
@@ -225,7 +236,8 @@ def main():
               f"{r['tflops']:7.3f} TFLOP/s  peak {peak}")
     print(f"  ratio ours/torch (tokens/s): {result['ratio_tokens_per_s']:.2f}"
           + (f"   with the CUDA graph: {result['ratio_graph_tokens_per_s']:.2f}" if args.cuda_graph else "")
-          + (f"   peak memory ours/torch: {result['ratio_peak_memory']:.2f}" if "ratio_peak_memory" in result else ""))
+          + (f"   peak memory ours/torch: {result['ratio_peak_memory']:.2f}" if "ratio_peak_memory" in result else "")
+          + (f"   one/three products: {result['ratio_one_vs_three_products']:.2f}" if args.three_products else ""))
 
 
 if __name__ == "__main__":

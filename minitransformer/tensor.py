@@ -177,7 +177,10 @@ class Tensor:
                 key = id(parent)
                 if type(parent_grad) is Part:
                     if key not in owned:   # one zero-filled gradient of the whole parent, shared by its parts
-                        whole = parent.xp.zeros(parent.shape, parent.dtype)
+                        # not xp.zeros: NumPy's calloc hands out fresh pages that fault on first
+                        # touch every time (it doubled attention's backward on the CPU)
+                        whole = parent.xp.empty(parent.shape, parent.dtype)
+                        whole.fill(0)
                         if key in grads:
                             whole += grads[key]
                         grads[key] = whole

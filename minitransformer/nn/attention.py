@@ -19,6 +19,8 @@ from .module import Module, pack
 
 
 class MultiHeadAttention(Module):
+    one_product = True   # False: Q, K, V by three products always (to compare; same numbers to rounding)
+
     def __init__(self, d_model, num_heads, dropout=0.0):
         super().__init__()
         if d_model % num_heads:
@@ -57,13 +59,13 @@ class MultiHeadAttention(Module):
     def keys_values(self, key, value):
         """``K = key W^K``, ``V = value W^V`` split into heads: ``(B, h, Lk, d_k)`` each (one product
         when ``key is value``, as in cross-attention over the encoder output)."""
-        if key is value:
+        if key is value and self.one_product:
             return self.project(key, (self.k_proj, self.v_proj))
         return self.split_heads(self.k_proj(key)), self.split_heads(self.v_proj(value))
 
     def queries_keys_values(self, query, key, value):
         """Q, K and V split into heads; one product for all three in self-attention."""
-        if query is key and key is value:
+        if query is key and key is value and self.one_product:
             return self.project(query, (self.q_proj, self.k_proj, self.v_proj))
         return (self.split_heads(self.q_proj(query)), *self.keys_values(key, value))
 
