@@ -137,6 +137,25 @@ for _shape, _w, _b, _eps in [((4, 6), True, True, 1e-5), ((2, 3, 5), True, True,
         return arrays, ours, theirs
 
 
+for _shape, _w, _b in [((3, 4, 5), True, True), ((2, 7), True, False), ((6,), False, False)]:
+    @case("add_and_norm", f"{_shape}-w{_w}-b{_b}")
+    def _make(rng, shape=_shape, w=_w, b=_b):
+        d = shape[-1]
+        arrays = [normal(rng, *shape), normal(rng, *shape) * 2.0]
+        arrays += ([1.0 + 0.3 * normal(rng, d)] if w else []) + ([normal(rng, d)] if b else [])
+
+        def split_params(params):
+            params = list(params)
+            return (params.pop(0) if w else None), (params.pop(0) if b else None)
+
+        def ours(x, s, *params):      # no dropout here: see test_add_and_norm_is_dropout_add_layer_norm
+            return F.add_and_norm(x, s, *split_params(params))
+
+        def theirs(x, s, *params):
+            return TF.layer_norm(x + s, (d,), *split_params(params))
+        return arrays, ours, theirs
+
+
 # ---- lookups and the loss -----------------------------------------------------------------
 
 for _ids_shape, _vocab, _d in [((3, 5), 4, 6), ((7,), 10, 3), ((2, 2, 3), 3, 2)]:
@@ -468,6 +487,34 @@ def test_dropout_same_seed_same_mask(device, randn):
     c = F.dropout(x, 0.5).numpy()
     np.testing.assert_array_equal(a, c)
     assert not np.array_equal(a == 0, b == 0)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_add_and_norm_is_dropout_add_layer_norm(dtype, device, randn, rng):
+    """With dropout, "Add & Norm" is F.dropout, add, F.layer_norm in a row: the same mask for the
+    same seed, the same output and the same gradients (and a gradcheck with the mask held fixed)."""
+    x, s = randn(3, 5, 8, dtype=dtype), randn(3, 5, 8, dtype=dtype)
+    w, b = randn(8, dtype=dtype), randn(8, dtype=dtype)
+    g = mt.tensor(rng.standard_normal((3, 5, 8)), dtype=dtype, device=device)
+    results = []
+    for fused in (True, False):
+        mt.manual_seed(5)
+        y = (F.add_and_norm(x, s, w, b, dropout_p=0.3, training=True) if fused
+             else F.layer_norm(x + F.dropout(s, 0.3), w, b))
+        y.backward(g)
+        results.append([y.numpy()] + [grad_of(t) for t in (x, s, w, b)])
+        for t in (x, s, w, b):
+            t.grad = None
+    for ours, theirs in zip(*results):
+        np.testing.assert_allclose(ours, theirs, **TOL[dtype])
+    assert (results[0][2] == 0).mean() > 0.15     # the mask dropped about 30 % of ds
+    if dtype == "float64":
+        def add_norm(x, s, w, b):
+            mt.manual_seed(5)
+            return F.add_and_norm(x, s, w, b, dropout_p=0.3, training=True)
+        assert mt.gradcheck(add_norm, x, s, w, b)
+    evaluated = F.add_and_norm(x, s, w, b, dropout_p=0.3, training=False)
+    np.testing.assert_allclose(evaluated.numpy(), F.layer_norm(x + s, w, b).numpy(), **TOL[dtype])
 
 
 def test_dropout_eval_and_p0_are_identity(device, randn):

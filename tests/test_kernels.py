@@ -112,6 +112,38 @@ def test_layer_norm_matches_the_array_version(rng, dtype, shape, affine):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(4, 1), (3, 7), (2, 5, 64), (9, 512), (3, 1000)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_add_and_norm_matches_the_array_version(rng, dtype, shape, affine):
+    x, s = rng.standard_normal(shape) * 3 + 1, rng.standard_normal(shape)
+    if affine:
+        w, b = rng.standard_normal(shape[-1]), rng.standard_normal(shape[-1])
+        results = run_both(lambda x, s, w, b: F.add_and_norm(x, s, w, b), [x, s, w, b], dtype)
+    else:
+        results = run_both(lambda x, s: F.add_and_norm(x, s, None, None), [x, s], dtype)
+    assert_same(results, dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_add_and_norm_with_dropout_is_dropout_add_layer_norm_on_the_gpu(rng, dtype):
+    """One kernel draws the same mask F.dropout's kernel draws from the same stream position."""
+    x, s, g = (rng.standard_normal((6, 33, 80)) for _ in range(3))
+    w, b = rng.standard_normal(80), rng.standard_normal(80)
+    results = []
+    with fused(True):
+        state = backend.random_state()
+        for one_op in (True, False):
+            backend.set_random_state(state)
+            ts = [mt.tensor(a, dtype=dtype, device="cuda", requires_grad=True) for a in (x, s, w, b)]
+            y = (F.add_and_norm(*ts, dropout_p=0.3, training=True) if one_op
+                 else F.layer_norm(ts[0] + F.dropout(ts[1], 0.3), ts[2], ts[3]))
+            y.backward(mt.tensor(g, dtype=dtype, device="cuda"))
+            results.append((y.numpy(), [backend.to_numpy(t.grad) for t in ts]))
+    assert_same(results, dtype)
+    assert abs((results[0][1][1] == 0).mean() - 0.3) < 0.02         # ds carries the mask
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("N, C", [(5, 3), (64, 37000), (7, 1500), (300, 8000)])
 @pytest.mark.parametrize("label_smoothing, ignore", [(0.0, None), (0.1, 0), (0.1, None)])
 def test_cross_entropy_matches_the_array_version(rng, dtype, N, C, label_smoothing, ignore):

@@ -8,12 +8,12 @@ from .elementwise import add, astype, div, exp, log, mul, neg, pow, relu, sqrt, 
 from .embedding import embedding
 from .linear import linear, matmul
 from .loss import cross_entropy
-from .normalization import layer_norm
+from .normalization import add_and_norm, layer_norm
 from .reduction import mean, sum
 from .shape import concat, contiguous, getitem, masked_fill, reshape, split, transpose
 from .softmax import log_softmax, softmax
 
-__all__ = ["add", "astype", "concat", "contiguous", "cross_entropy", "div", "dropout", "embedding", "exp",
+__all__ = ["add", "add_and_norm", "astype", "concat", "contiguous", "cross_entropy", "div", "dropout", "embedding", "exp",
            "getitem", "layer_norm", "linear", "log", "log_softmax", "masked_fill", "matmul", "mean",
            "mul", "neg", "pow", "relu", "reshape", "scaled_dot_product_attention", "softmax", "split",
            "sqrt", "sub", "sum", "tanh", "transpose"]

@@ -98,18 +98,23 @@ def _stream_key(seed):
     return z ^ (z >> 31)
 
 
+def _dropout_base():
+    """The pointer a dropout kernel adds to its offset: the replay's start offset while a CUDA graph
+    is captured, else null (the offset is absolute)."""
+    capture = backend.capturing()
+    return np.uint64(capture.offset_base.data.ptr if capture is not None else 0)
+
+
 def dropout_apply(x, p, seed, offset):
     """``x * m`` with ``m = [u ≥ p] / (1 - p)``, ``u`` number ``offset + i`` of stream ``seed``: the
     same call with the same ``(seed, offset)`` gives the same mask (forward and backward)."""
     cp = backend.cupy()
     x = _contiguous(x)
     y = cp.empty_like(x)
-    capture = backend.capturing()
-    base = np.uint64(capture.offset_base.data.ptr if capture is not None else 0)   # null: offset is absolute
     if x.size:
         _kernel("dropout_apply", x.dtype)(
             (_grid(x.size),), (_THREADS,),
-            (x, y, np.int64(x.size), np.uint64(_stream_key(seed)), np.uint64(offset), base, np.float32(p),
+            (x, y, np.int64(x.size), np.uint64(_stream_key(seed)), np.uint64(offset), _dropout_base(), np.float32(p),
              x.dtype.type(1.0 / (1.0 - p))))
     return y
 
@@ -156,14 +161,66 @@ def layer_norm_backward(x, g, weight, mean, rstd, need_weight_grads=True):
          mean, rstd, np.int32(d), dx))
     if not need_weight_grads:
         return dx, None, None
+    return (dx, *_layer_norm_weight_grads(x, g, mean, rstd))
+
+
+def _layer_norm_weight_grads(x, g, mean, rstd):
+    """``(dw, db)``: column sums of ``g * x̂`` and ``g``, by chunks of rows, then one sum over the
+    chunks for both (two rows of one array)."""
+    cp = backend.cupy()
+    d = x.shape[-1]
+    rows = x.size // d
     rows_per_chunk = 32
     chunks = (rows + rows_per_chunk - 1) // rows_per_chunk
-    part_w = cp.empty((chunks, d), dtype=x.dtype)
-    part_b = cp.empty((chunks, d), dtype=x.dtype)
+    part = cp.empty((chunks, 2, d), dtype=x.dtype)
     _kernel("layer_norm_bwd_dwdb", x.dtype)(
         (chunks, (d + 127) // 128), (128,),
-        (x, g, mean, rstd, np.int64(rows), np.int32(d), np.int32(rows_per_chunk), part_w, part_b))
-    return dx, part_w.sum(axis=0), part_b.sum(axis=0)
+        (x, g, mean, rstd, np.int64(rows), np.int32(d), np.int32(rows_per_chunk), part))
+    dw_db = part.sum(axis=0)
+    return dw_db[0], dw_db[1]
+
+
+def add_and_norm(x, s, weight, bias, eps, p, seed, offset):
+    """``LayerNorm(x + s * m)`` with ``m`` the dropout mask ``dropout_apply(·, p, seed, offset)`` would
+    use on ``s`` (none when ``p == 0``). Returns ``(y, z, mean, rstd)``, ``z = x + s * m``."""
+    cp = backend.cupy()
+    x, s = _contiguous(x), _contiguous(s)
+    d = x.shape[-1]
+    rows = x.size // max(d, 1)
+    z, y = cp.empty_like(x), cp.empty_like(x)
+    mean = cp.empty(rows, dtype=x.dtype)
+    rstd = cp.empty(rows, dtype=x.dtype)
+    dummy = cp.empty(1, dtype=x.dtype)
+    if rows and d:
+        _kernel("add_norm_fwd", x.dtype)(
+            (rows,), (_block(min(d, 256)),),
+            (x, s, weight if weight is not None else dummy, bias if bias is not None else dummy,
+             np.int32(weight is not None), np.int32(bias is not None), np.int32(d), x.dtype.type(eps),
+             np.uint64(_stream_key(seed)), np.uint64(offset), _dropout_base(), np.float32(p),
+             x.dtype.type(1.0 / (1.0 - p)), z, y, mean, rstd))
+    return y, z, mean, rstd
+
+
+def add_and_norm_backward(z, g, weight, mean, rstd, p, seed, offset, need_weight_grads=True):
+    """``(dz, ds, dw, db)`` for ``add_and_norm``: ``dz`` is LayerNorm's input gradient (the residual's),
+    ``ds = dz * m`` (``dz`` itself when ``p == 0``); ``dw``/``db`` None unless needed."""
+    cp = backend.cupy()
+    g = _contiguous(g)
+    d = z.shape[-1]
+    rows = z.size // max(d, 1)
+    dz = cp.empty_like(z)
+    ds = cp.empty_like(z) if p > 0 else dz
+    if rows == 0 or d == 0:
+        zeros = cp.zeros(d, dtype=z.dtype)
+        return dz, ds, zeros, zeros.copy()
+    _kernel("add_norm_bwd", z.dtype)(
+        (rows,), (_block(min(d, 256)),),
+        (z, g, weight if weight is not None else cp.empty(1, dtype=z.dtype), np.int32(weight is not None),
+         mean, rstd, np.int32(d), np.uint64(_stream_key(seed)), np.uint64(offset), _dropout_base(),
+         np.float32(p), z.dtype.type(1.0 / (1.0 - p)), dz, ds))
+    if not need_weight_grads:
+        return dz, ds, None, None
+    return (dz, ds, *_layer_norm_weight_grads(z, g, mean, rstd))
 
 
 # ---- label-smoothed cross-entropy (§5.4) ---------------------------------------------------------------

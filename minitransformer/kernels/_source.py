@@ -154,11 +154,12 @@ __global__ void layer_norm_bwd_dx(const T* __restrict__ x, const T* __restrict__
     }
 }
 
-// Partial column sums of g * xh (for dw) and g (for db) over chunks of rows; summed after.
+// Partial column sums of g * xh (for dw) and g (for db) over chunks of rows, into part (chunks, 2, d):
+// part[c, 0] for dw, part[c, 1] for db, so that one sum over the chunks gives both.
 template<typename T>
 __global__ void layer_norm_bwd_dwdb(const T* __restrict__ x, const T* __restrict__ g, const T* __restrict__ mean,
                                     const T* __restrict__ rstd, long long R, int d, int rows_per_chunk,
-                                    T* __restrict__ part_w, T* __restrict__ part_b) {
+                                    T* __restrict__ part) {
     const int j = blockIdx.y * blockDim.x + threadIdx.x;
     if (j >= d) return;
     const long long r0 = (long long)blockIdx.x * rows_per_chunk;
@@ -169,8 +170,70 @@ __global__ void layer_norm_bwd_dwdb(const T* __restrict__ x, const T* __restrict
         aw += gv * ((x[r * d + j] - mean[r]) * rstd[r]);
         ab += gv;
     }
-    part_w[blockIdx.x * (long long)d + j] = aw;
-    part_b[blockIdx.x * (long long)d + j] = ab;
+    part[(2 * (long long)blockIdx.x) * d + j] = aw;
+    part[(2 * (long long)blockIdx.x + 1) * d + j] = ab;
+}
+
+// "Add & Norm": z = x + s * m, m = dropout_apply's mask of s (number offset + i of the stream, i the
+// element's index) when p > 0, else 1; then LayerNorm of z exactly as layer_norm_fwd. Keeps z, mean
+// and rstd for the backward.
+template<typename T>
+__global__ void add_norm_fwd(const T* __restrict__ x, const T* __restrict__ s, const T* __restrict__ w,
+                             const T* __restrict__ b, int has_w, int has_b, int d, T eps,
+                             unsigned long long key, unsigned long long offset,
+                             const unsigned long long* __restrict__ base, float p, T scale,
+                             T* __restrict__ z, T* __restrict__ y, T* __restrict__ mean_out,
+                             T* __restrict__ rstd_out) {
+    __shared__ T smem[33];
+    const long long r0 = (long long)blockIdx.x * d;
+    if (base != nullptr) offset += *base;
+    T acc = 0;
+    for (int k = threadIdx.x; k < d; k += blockDim.x) {
+        T sk = s[r0 + k];
+        if (p > 0.f) sk = uniform01(key, offset + r0 + k) >= p ? sk * scale : T(0);
+        const T zk = x[r0 + k] + sk;
+        z[r0 + k] = zk;                 // read back below by the same thread only
+        acc += zk;
+    }
+    const T mean = block_reduce<T, false>(acc, smem) / T(d);
+    acc = 0;
+    for (int k = threadIdx.x; k < d; k += blockDim.x) { T c = z[r0 + k] - mean; acc += c * c; }
+    const T rstd = T(1) / t_sqrt(block_reduce<T, false>(acc, smem) / T(d) + eps);
+    for (int k = threadIdx.x; k < d; k += blockDim.x) {
+        T out = (z[r0 + k] - mean) * rstd;
+        if (has_w) out = out * w[k];
+        if (has_b) out = out + b[k];
+        y[r0 + k] = out;
+    }
+    if (threadIdx.x == 0) { mean_out[blockIdx.x] = mean; rstd_out[blockIdx.x] = rstd; }
+}
+
+// dz as layer_norm_bwd_dx computes dx (z in place of x), and, when p > 0, ds = dz * m with the mask
+// of add_norm_fwd regenerated from (key, offset).
+template<typename T>
+__global__ void add_norm_bwd(const T* __restrict__ z, const T* __restrict__ g, const T* __restrict__ w,
+                             int has_w, const T* __restrict__ mean, const T* __restrict__ rstd, int d,
+                             unsigned long long key, unsigned long long offset,
+                             const unsigned long long* __restrict__ base, float p, T scale,
+                             T* __restrict__ dz, T* __restrict__ ds) {
+    __shared__ T smem[33];
+    const long long r0 = (long long)blockIdx.x * d;
+    const T mu = mean[blockIdx.x], rs = rstd[blockIdx.x];
+    if (base != nullptr) offset += *base;
+    T a = 0, c = 0;
+    for (int k = threadIdx.x; k < d; k += blockDim.x) {
+        T zh = (z[r0 + k] - mu) * rs, dzh = has_w ? g[r0 + k] * w[k] : g[r0 + k];
+        a += dzh;
+        c += dzh * zh;
+    }
+    a = block_reduce<T, false>(a, smem) / T(d);
+    c = block_reduce<T, false>(c, smem) / T(d);
+    for (int k = threadIdx.x; k < d; k += blockDim.x) {
+        T zh = (z[r0 + k] - mu) * rs, dzh = has_w ? g[r0 + k] * w[k] : g[r0 + k];
+        const T v = rs * (dzh - a - zh * c);
+        dz[r0 + k] = v;
+        if (p > 0.f) ds[r0 + k] = uniform01(key, offset + r0 + k) >= p ? v * scale : T(0);
+    }
 }
 
 // Label-smoothed cross-entropy of one row of logits: with lse = log sum exp x,
@@ -334,5 +397,5 @@ __global__ void beam_topk_final(const double* __restrict__ part_val, const long 
 """
 
 NAMES = ("masked_softmax_fwd", "softmax_bwd", "dropout_apply", "layer_norm_fwd", "layer_norm_bwd_dx",
-         "layer_norm_bwd_dwdb", "cross_entropy_fwd", "cross_entropy_bwd", "relu_fwd", "relu_bwd", "embedding_bwd",
+         "layer_norm_bwd_dwdb", "add_norm_fwd", "add_norm_bwd", "cross_entropy_fwd", "cross_entropy_bwd", "relu_fwd", "relu_bwd", "embedding_bwd",
          "adam_step", "beam_topk_partial", "beam_topk_final")

@@ -17,6 +17,12 @@ from .layers import Dropout, Embedding, LayerNorm, Linear, PositionalEncoding, P
 from .module import Module, ModuleList
 
 
+def add_and_norm(x, sublayer_out, norm, dropout):
+    """Figure 1's "Add & Norm" box with §5.4's residual dropout, ``norm(x + dropout(sublayer_out))``,
+    as one op (``F.add_and_norm``: on the GPU one kernel instead of three)."""
+    return F.add_and_norm(x, sublayer_out, norm.weight, norm.bias, dropout.p, dropout.training, norm.eps)
+
+
 class EncoderLayer(Module):
     """Self-attention sublayer, then feed-forward sublayer (§3.1)."""
 
@@ -33,8 +39,8 @@ class EncoderLayer(Module):
             h = self.norm1(x)
             x = x + self.dropout(self.self_attn(h, h, h, src_mask))
             return x + self.dropout(self.feed_forward(self.norm2(x)))
-        x = self.norm1(x + self.dropout(self.self_attn(x, x, x, src_mask)))
-        return self.norm2(x + self.dropout(self.feed_forward(x)))
+        x = add_and_norm(x, self.self_attn(x, x, x, src_mask), self.norm1, self.dropout)
+        return add_and_norm(x, self.feed_forward(x), self.norm2, self.dropout)
 
 
 class DecoderLayer(Module):
@@ -58,10 +64,10 @@ class DecoderLayer(Module):
             h = self.norm2(y)
             y = y + self.dropout(self.cross_attn(h, memory, memory, src_mask, cache=cross_cache, static_kv=True))
             return y + self.dropout(self.feed_forward(self.norm3(y)))
-        y = self.norm1(y + self.dropout(self.self_attn(y, y, y, tgt_mask, cache=self_cache)))
-        y = self.norm2(y + self.dropout(self.cross_attn(y, memory, memory, src_mask,
-                                                        cache=cross_cache, static_kv=True)))
-        return self.norm3(y + self.dropout(self.feed_forward(y)))
+        y = add_and_norm(y, self.self_attn(y, y, y, tgt_mask, cache=self_cache), self.norm1, self.dropout)
+        y = add_and_norm(y, self.cross_attn(y, memory, memory, src_mask, cache=cross_cache, static_kv=True),
+                         self.norm2, self.dropout)
+        return add_and_norm(y, self.feed_forward(y), self.norm3, self.dropout)
 
 
 class Encoder(Module):

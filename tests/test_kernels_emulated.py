@@ -1,0 +1,126 @@
+"""The fused GPU kernels run on the CPU (``tests/kernel_emulator.py``: their CUDA C++ compiled by the
+host's C++ compiler), through the same Python wrappers the GPU path calls, against their array twins.
+This checks grids, argument lists, output layouts and arithmetic without a GPU; ``test_kernels.py``
+checks the real thing (warp reductions, capture) on one.
+"""
+import numpy as np
+import pytest
+
+import minitransformer as mt
+from minitransformer import backend, kernels
+from minitransformer import functional as F
+
+from kernel_emulator import Emulator, stand_in_cupy
+
+EMULATED = ("dropout_apply", "layer_norm_fwd", "layer_norm_bwd_dx", "layer_norm_bwd_dwdb",
+            "add_norm_fwd", "add_norm_bwd", "masked_softmax_fwd", "softmax_bwd", "relu_fwd", "relu_bwd")
+TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    try:
+        return Emulator(EMULATED)
+    except RuntimeError as e:   # no compiler on this machine: say so, loudly
+        pytest.fail(f"the kernel emulator needs a C++ compiler: {e}")
+
+
+@pytest.fixture
+def emulated(emulator, monkeypatch):
+    """``minitransformer.kernels`` calling the emulated kernels on NumPy arrays."""
+    monkeypatch.setattr(backend, "cupy", stand_in_cupy)
+    monkeypatch.setattr(kernels, "_kernel", emulator.kernel)
+    return kernels
+
+
+def array_grads(op, arrays, g):
+    """Output and input gradients of ``op`` (a function of tensors) by the array path (CPU)."""
+    tensors = [mt.tensor(a, requires_grad=True) for a in arrays]
+    y = op(*tensors)
+    y.backward(g)
+    return y.numpy(), [t.grad for t in tensors]
+
+
+def mask_of(emulated, shape, dtype, p, seed, offset):
+    return emulated.dropout_mask(shape, dtype, p, seed, offset)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("d", [1, 7, 64, 300])
+def test_layer_norm_kernels_match_the_array_version(emulated, dtype, d, rng):
+    x = rng.standard_normal((3, 5, d)).astype(dtype)
+    w, b = rng.standard_normal(d).astype(dtype), rng.standard_normal(d).astype(dtype)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    y, mean, rstd = emulated.layer_norm(x, w, b, 1e-5)
+    dx, dw, db = emulated.layer_norm_backward(x, g, w, mean, rstd)
+    y_ref, (dx_ref, dw_ref, db_ref) = array_grads(lambda a, c, e: F.layer_norm(a, c, e), [x, w, b], g)
+    for ours, ref in [(y, y_ref), (dx, dx_ref), (dw, dw_ref), (db, db_ref)]:
+        np.testing.assert_allclose(ours, ref, **TOL[dtype])
+
+
+def test_dropout_kernel_draws_a_reproducible_mask(emulated):
+    ones = np.ones(20000, np.float32)
+    a = emulated.dropout_apply(ones, 0.3, seed=7, offset=100)
+    assert set(np.unique(a)) <= {0.0, np.float32(1 / 0.7)}
+    assert abs((a == 0).mean() - 0.3) < 0.02
+    np.testing.assert_array_equal(a, emulated.dropout_apply(ones, 0.3, seed=7, offset=100))
+    assert (a != emulated.dropout_apply(ones, 0.3, seed=7, offset=101)).any()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("affine", [True, False])
+def test_add_and_norm_kernels_match_dropout_add_layer_norm(emulated, dtype, p, affine, rng):
+    """z = x + s * m, y = LayerNorm(z); dz from LayerNorm's backward, ds = dz * m, and the column
+    sums — with m the mask ``dropout_apply`` draws for the same (seed, offset)."""
+    d, seed, offset = 48, 3, 1234
+    x, s = (rng.standard_normal((4, 6, d)).astype(dtype) for _ in range(2))
+    w, b = (rng.standard_normal(d).astype(dtype) for _ in range(2)) if affine else (None, None)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    m = mask_of(emulated, s.shape, dtype, p, seed, offset) if p > 0 else np.ones_like(s)
+    y, z, mean, rstd = emulated.add_and_norm(x, s, w, b, 1e-5, p, seed, offset)
+    dz, ds, dw, db = emulated.add_and_norm_backward(z, g, w, mean, rstd, p, seed, offset,
+                                                    need_weight_grads=affine)
+    params = [w, b] if affine else []
+    y_ref, grads = array_grads(lambda a, c, *wb: F.layer_norm(a + c * m, *(wb or (None, None))),
+                               [x, s, *params], g)
+    np.testing.assert_allclose(z, x + s * m, **TOL[dtype])
+    np.testing.assert_allclose(y, y_ref, **TOL[dtype])
+    np.testing.assert_allclose(dz, grads[0], **TOL[dtype])
+    np.testing.assert_allclose(ds, grads[1], **TOL[dtype])
+    if affine:
+        np.testing.assert_allclose(dw, grads[2], **TOL[dtype])
+        np.testing.assert_allclose(db, grads[3], **TOL[dtype])
+    else:
+        assert dw is None and db is None
+    if p == 0:
+        assert ds is dz      # no mask: the sublayer's gradient is the residual's
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mask_shape", [None, (2, 1, 1, 9), (1, 1, 5, 9), (2, 3, 5, 9)])
+def test_masked_softmax_kernels_match_the_array_version(emulated, dtype, mask_shape, rng):
+    scores = rng.standard_normal((2, 3, 5, 9)).astype(dtype)
+    mask = rng.random(mask_shape) > 0.3 if mask_shape else None
+    if mask is not None:
+        mask[..., 0, :] = False        # a row with no key left: all zeros
+    P = emulated.masked_softmax(scores, mask, 0.5)
+    dP = rng.standard_normal(P.shape).astype(dtype)
+    dS = emulated.softmax_backward(P, dP, 0.5)
+    s = scores * dtype(0.5)
+    if mask is not None:
+        s = np.where(mask, s, -np.inf)
+    top = s.max(-1, keepdims=True)
+    e = np.exp(s - np.where(np.isfinite(top), top, 0))
+    total = e.sum(-1, keepdims=True)
+    P_ref = e / np.where(total > 0, total, 1)
+    np.testing.assert_allclose(P, P_ref, **TOL[dtype])
+    np.testing.assert_allclose(dS, P_ref * (dP - (dP * P_ref).sum(-1, keepdims=True)) * 0.5, **TOL[dtype])
+
+
+def test_relu_kernels_match_the_array_version(emulated, rng):
+    x = rng.standard_normal((7, 33)).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    y = emulated.relu(x)
+    np.testing.assert_array_equal(y, np.maximum(x, 0))
+    np.testing.assert_array_equal(emulated.relu_backward(y, g), g * (x > 0))
