@@ -96,6 +96,12 @@ def test_softmax_matches_the_array_version(rng, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4, 33), (2, 1, 2, 3, 2000), (4, 37000)])
+def test_log_softmax_matches_the_array_version(rng, dtype, shape):
+    assert_same(run_both(lambda x: F.log_softmax(x * 3.0), [rng.standard_normal(shape)], dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("shape", [(4, 1), (3, 7), (2, 5, 64), (9, 512), (3, 1000), (2, 2048)])
 @pytest.mark.parametrize("affine", ["both", "weight", "none"])
 def test_layer_norm_matches_the_array_version(rng, dtype, shape, affine):

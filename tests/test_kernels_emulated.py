@@ -12,7 +12,7 @@ from minitransformer import functional as F
 
 from kernel_emulator import Emulator, stand_in_cupy
 
-EMULATED = ("dropout_apply", "layer_norm_fwd", "layer_norm_bwd_dx", "layer_norm_bwd_dwdb",
+EMULATED = ("dropout_apply", "log_softmax_fwd", "log_softmax_bwd", "layer_norm_fwd", "layer_norm_bwd_dx", "layer_norm_bwd_dwdb",
             "add_norm_fwd", "add_norm_bwd", "masked_softmax_fwd", "softmax_bwd", "relu_fwd", "relu_bwd")
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
 
@@ -116,6 +116,18 @@ def test_masked_softmax_kernels_match_the_array_version(emulated, dtype, mask_sh
     P_ref = e / np.where(total > 0, total, 1)
     np.testing.assert_allclose(P, P_ref, **TOL[dtype])
     np.testing.assert_allclose(dS, P_ref * (dP - (dP * P_ref).sum(-1, keepdims=True)) * 0.5, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 300)])
+def test_log_softmax_kernels_match_the_array_version(emulated, dtype, shape, rng):
+    x = (rng.standard_normal(shape) * 3).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    y = emulated.log_softmax(x)
+    dx = emulated.log_softmax_backward(y, g)
+    y_ref, (dx_ref,) = array_grads(F.log_softmax, [x], g)
+    np.testing.assert_allclose(y, y_ref, **TOL[dtype])
+    np.testing.assert_allclose(dx, dx_ref, **TOL[dtype])
 
 
 def test_relu_kernels_match_the_array_version(emulated, rng):

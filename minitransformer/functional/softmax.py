@@ -30,6 +30,9 @@ def log_softmax(x, axis=-1):
     Backward: ``dx = g - exp(y) * Σ_axis g`` (``exp(y)`` is the softmax).
     """
     xp = x.xp
+    if backend.fused(x.data) and axis in (-1, x.ndim - 1) and x.ndim >= 1:   # one kernel each way
+        y = kernels.log_softmax(x.data)
+        return make_op(y, (x,), lambda g: (kernels.log_softmax_backward(y, g),), "log_softmax")
     shifted = x.data - x.data.max(axis=axis, keepdims=True)
     y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 

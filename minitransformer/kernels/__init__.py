@@ -88,6 +88,30 @@ def softmax_backward(P, dP, scale=1.0):
     return dS
 
 
+def log_softmax(x):
+    """``y = x - max x - log Σ exp(x - max x)`` over the last axis, one block per row."""
+    cp = backend.cupy()
+    x = _contiguous(x)
+    L = x.shape[-1]
+    y = cp.empty_like(x)
+    rows = x.size // max(L, 1)
+    if rows and L:
+        _kernel("log_softmax_fwd", x.dtype)((rows,), (_block(L),), (x, np.int32(L), y))
+    return y
+
+
+def log_softmax_backward(y, g):
+    """``dx = g - exp(y) * Σ g`` over the last axis."""
+    cp = backend.cupy()
+    y, g = _contiguous(y), _contiguous(g)
+    L = y.shape[-1]
+    dx = cp.empty_like(y)
+    rows = y.size // max(L, 1)
+    if rows and L:
+        _kernel("log_softmax_bwd", y.dtype)((rows,), (_block(L),), (y, g, np.int32(L), dx))
+    return dx
+
+
 # ---- dropout (§5.4) ------------------------------------------------------------------------------
 
 def _stream_key(seed):

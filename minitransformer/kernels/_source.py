@@ -95,6 +95,31 @@ __global__ void softmax_bwd(const T* __restrict__ P, const T* __restrict__ dP, i
     for (int k = threadIdx.x; k < L; k += blockDim.x) dS[row * L + k] = p[k] * (dp[k] - dot) * scale;
 }
 
+// log_softmax over rows of length L: y = (x - max) - log(sum(exp(x - max))), the array formula.
+template<typename T>
+__global__ void log_softmax_fwd(const T* __restrict__ x, int L, T* __restrict__ y) {
+    __shared__ T smem[33];
+    const long long r0 = (long long)blockIdx.x * L;
+    T m = neg_inf<T>();
+    for (int k = threadIdx.x; k < L; k += blockDim.x) m = t_max(m, x[r0 + k]);
+    m = block_reduce<T, true>(m, smem);
+    T acc = 0;
+    for (int k = threadIdx.x; k < L; k += blockDim.x) acc += t_exp(x[r0 + k] - m);
+    const T lse = t_log(block_reduce<T, false>(acc, smem));
+    for (int k = threadIdx.x; k < L; k += blockDim.x) y[r0 + k] = (x[r0 + k] - m) - lse;
+}
+
+// dx = g - exp(y) * sum(g) over rows of length L (exp(y) is the softmax).
+template<typename T>
+__global__ void log_softmax_bwd(const T* __restrict__ y, const T* __restrict__ g, int L, T* __restrict__ dx) {
+    __shared__ T smem[33];
+    const long long r0 = (long long)blockIdx.x * L;
+    T acc = 0;
+    for (int k = threadIdx.x; k < L; k += blockDim.x) acc += g[r0 + k];
+    const T total = block_reduce<T, false>(acc, smem);
+    for (int k = threadIdx.x; k < L; k += blockDim.x) dx[r0 + k] = g[r0 + k] - t_exp(y[r0 + k]) * total;
+}
+
 // y = x * m with m = [u >= p] * scale, u = uniform01(key, offset + i): inverted dropout whose mask
 // is recomputed from (key, offset) in the backward instead of being stored. In a captured CUDA graph
 // the offset is relative to *base, which the host sets before each replay (fresh masks every step).
@@ -396,6 +421,6 @@ __global__ void beam_topk_final(const double* __restrict__ part_val, const long 
 }
 """
 
-NAMES = ("masked_softmax_fwd", "softmax_bwd", "dropout_apply", "layer_norm_fwd", "layer_norm_bwd_dx",
+NAMES = ("masked_softmax_fwd", "softmax_bwd", "log_softmax_fwd", "log_softmax_bwd", "dropout_apply", "layer_norm_fwd", "layer_norm_bwd_dx",
          "layer_norm_bwd_dwdb", "add_norm_fwd", "add_norm_bwd", "cross_entropy_fwd", "cross_entropy_bwd", "relu_fwd", "relu_bwd", "embedding_bwd",
          "adam_step", "beam_topk_partial", "beam_topk_final")
