@@ -9,13 +9,15 @@ their loops by ``blockDim.x``, so one thread does the whole row, and ``block_red
 that value. Other kernels run every thread of every block in turn. A ``cupy`` stand-in made of NumPy
 calls stands behind ``backend.cupy()``. The GPU's warp-level summation order is not reproduced:
 results agree with the GPU's to rounding, not bitwise. Kernels written for a fixed warp layout (beam
-top-k) are not emulated.
+top-k) are not emulated, nor Adam's (its wrapper reads CuPy's device pointers).
 """
 import ctypes
 import hashlib
+import importlib.util
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import types
 from pathlib import Path
@@ -77,14 +79,22 @@ def _prelude():
     return _source.PRELUDE[:start] + ONE_THREAD_REDUCE + _source.PRELUDE[end:]
 
 
+def _compiler():
+    """The host's C++ compiler, or Zig's from PyPI (``pip install ziglang``) where there is none."""
+    for name in ("g++", "c++", "clang++"):
+        if shutil.which(name):
+            return [shutil.which(name)]
+    if importlib.util.find_spec("ziglang") is not None:
+        return [sys.executable, "-m", "ziglang", "c++"]
+    raise RuntimeError("no C++ compiler: none of g++, c++, clang++ on PATH, and no ziglang package")
+
+
 class Emulator:
     """The named kernels compiled into one shared library; ``kernel(name, dtype)`` behaves like
     ``kernels._kernel``'s result: ``k(grid, block, args)``."""
 
     def __init__(self, names):
-        compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-        if compiler is None:
-            raise RuntimeError("no C++ compiler (g++, c++, clang++) on PATH")
+        compiler = _compiler()
         self.params, wrappers, sources = {}, [], []
         for name in names:
             src = _kernel_source(name)
@@ -113,7 +123,7 @@ extern "C" void run_{name}_{t}(unsigned grid_x_, unsigned grid_y_, unsigned bloc
         if not lib.exists():
             (build / "kernels.cpp").write_text(code)
             # -ffp-contract=off: no fused multiply-add, as the GPU build's --fmad=false
-            result = subprocess.run([compiler, "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-std=c++14",
+            result = subprocess.run([*compiler, "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-std=c++14",
                                      "-o", str(lib), str(build / "kernels.cpp")], capture_output=True, text=True)
             if result.returncode:
                 raise RuntimeError(f"compiling the emulated kernels failed:\n{result.stderr[:4000]}")
@@ -152,6 +162,6 @@ extern "C" void run_{name}_{t}(unsigned grid_x_, unsigned grid_y_, unsigned bloc
 def stand_in_cupy():
     """The few CuPy calls ``minitransformer.kernels`` makes, done by NumPy."""
     return types.SimpleNamespace(
-        empty=np.empty, empty_like=np.empty_like, zeros=np.zeros, ones=np.ones,
+        empty=np.empty, empty_like=np.empty_like, zeros=np.zeros, ones=np.ones, asarray=np.asarray,
         ascontiguousarray=np.ascontiguousarray, broadcast_to=np.broadcast_to,
         float32=np.float32, float64=np.float64, int64=np.int64, uint8=np.uint8)

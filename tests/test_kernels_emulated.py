@@ -13,7 +13,8 @@ from minitransformer import functional as F
 from kernel_emulator import Emulator, stand_in_cupy
 
 EMULATED = ("dropout_apply", "log_softmax_fwd", "log_softmax_bwd", "layer_norm_fwd", "layer_norm_bwd_dx", "layer_norm_bwd_dwdb",
-            "add_norm_fwd", "add_norm_bwd", "masked_softmax_fwd", "softmax_bwd", "relu_fwd", "relu_bwd")
+            "add_norm_fwd", "add_norm_bwd", "masked_softmax_fwd", "softmax_bwd", "relu_fwd", "relu_bwd",
+            "cross_entropy_fwd", "cross_entropy_bwd", "embedding_bwd")
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
 
 
@@ -136,3 +137,34 @@ def test_relu_kernels_match_the_array_version(emulated, rng):
     y = emulated.relu(x)
     np.testing.assert_array_equal(y, np.maximum(x, 0))
     np.testing.assert_array_equal(emulated.relu_backward(y, g), g * (x > 0))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_cross_entropy_kernels_match_the_formula(emulated, dtype, label_smoothing, rng):
+    N, C = 9, 1500
+    x = (rng.standard_normal((N, C)) * 4).astype(dtype)
+    t = rng.integers(0, C, size=N)
+    row_scale = rng.uniform(0.5, 2.0, size=N).astype(dtype)
+    loss_row, lse = emulated.cross_entropy(x, t, label_smoothing)
+    dx = emulated.cross_entropy_backward(x, t, lse, row_scale, label_smoothing)
+    x64 = x.astype(np.float64)
+    lse_ref = np.log(np.exp(x64 - x64.max(1, keepdims=True)).sum(1)) + x64.max(1)
+    x_t = x64[np.arange(N), t]
+    eps = label_smoothing
+    np.testing.assert_allclose(lse, lse_ref, **TOL[dtype])
+    np.testing.assert_allclose(loss_row, (1 - eps) * (lse_ref - x_t) + eps * (lse_ref - x64.mean(1)), **TOL[dtype])
+    onehot = np.eye(C)[t]
+    dx_ref = (np.exp(x64 - lse_ref[:, None]) - eps / C - (1 - eps) * onehot) * row_scale[:, None]
+    np.testing.assert_allclose(dx, dx_ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_embedding_backward_kernel_adds_repeated_ids(emulated, dtype, rng):
+    ids = rng.integers(0, 12, size=(4, 9))
+    ids[0, :4] = 3                                    # one id many times
+    g = rng.standard_normal((4, 9, 130)).astype(dtype)  # d over one block of 128 threads
+    dW = emulated.embedding_backward(ids, g, 15)
+    ref = np.zeros((15, 130))
+    np.add.at(ref, ids.reshape(-1), g.reshape(-1, 130).astype(np.float64))
+    np.testing.assert_allclose(dW, ref, **TOL[dtype])
