@@ -76,40 +76,31 @@ def masked_softmax(scores, mask, scale):
     return P
 
 
+def _by_rows(name, *arrays, scalars=()):
+    """A one-block-per-row kernel over the last axis: ``name(*arrays, L, *scalars, out)`` with
+    ``out`` shaped like ``arrays[0]``."""
+    arrays = [_contiguous(a) for a in arrays]
+    L = arrays[0].shape[-1]
+    out = backend.cupy().empty_like(arrays[0])
+    rows = arrays[0].size // max(L, 1)
+    if rows and L:
+        _kernel(name, arrays[0].dtype)((rows,), (_block(L),), (*arrays, np.int32(L), *scalars, out))
+    return out
+
+
 def softmax_backward(P, dP, scale=1.0):
     """``dS = P * (dP - Σ_k dP * P) * scale`` over the last axis."""
-    cp = backend.cupy()
-    P, dP = _contiguous(P), _contiguous(dP)
-    L = P.shape[-1]
-    dS = cp.empty_like(P)
-    rows = P.size // max(L, 1)
-    if rows and L:
-        _kernel("softmax_bwd", P.dtype)((rows,), (_block(L),), (P, dP, np.int32(L), P.dtype.type(scale), dS))
-    return dS
+    return _by_rows("softmax_bwd", P, dP, scalars=(P.dtype.type(scale),))
 
 
 def log_softmax(x):
     """``y = x - max x - log Σ exp(x - max x)`` over the last axis, one block per row."""
-    cp = backend.cupy()
-    x = _contiguous(x)
-    L = x.shape[-1]
-    y = cp.empty_like(x)
-    rows = x.size // max(L, 1)
-    if rows and L:
-        _kernel("log_softmax_fwd", x.dtype)((rows,), (_block(L),), (x, np.int32(L), y))
-    return y
+    return _by_rows("log_softmax_fwd", x)
 
 
 def log_softmax_backward(y, g):
     """``dx = g - exp(y) * Σ g`` over the last axis."""
-    cp = backend.cupy()
-    y, g = _contiguous(y), _contiguous(g)
-    L = y.shape[-1]
-    dx = cp.empty_like(y)
-    rows = y.size // max(L, 1)
-    if rows and L:
-        _kernel("log_softmax_bwd", y.dtype)((rows,), (_block(L),), (y, g, np.int32(L), dx))
-    return dx
+    return _by_rows("log_softmax_bwd", y, g)
 
 
 # ---- dropout (§5.4) ------------------------------------------------------------------------------
@@ -150,22 +141,29 @@ def dropout_mask(shape, dtype, p, seed, offset):
 
 # ---- LayerNorm (§3.1) ------------------------------------------------------------------------------
 
+def _normalize_outputs(x):
+    """``(rows, y, mean, rstd)`` for a LayerNorm over the last axis of ``x``: empty arrays to write."""
+    cp = backend.cupy()
+    rows = x.size // max(x.shape[-1], 1)
+    return rows, cp.empty_like(x), cp.empty(rows, dtype=x.dtype), cp.empty(rows, dtype=x.dtype)
+
+
+def _affine(weight, bias, dtype):
+    """γ and β as kernel arguments: the arrays (a one-element stand-in for an absent one), two flags."""
+    dummy = backend.cupy().empty(1, dtype=dtype)
+    return (weight if weight is not None else dummy, bias if bias is not None else dummy,
+            np.int32(weight is not None), np.int32(bias is not None))
+
+
 def layer_norm(x, weight, bias, eps):
     """Returns ``(y, mean, rstd)``; ``mean``/``rstd`` (one per row) are what the backward needs."""
-    cp = backend.cupy()
     x = _contiguous(x)
     d = x.shape[-1]
-    rows = x.size // max(d, 1)
-    y = cp.empty_like(x)
-    mean = cp.empty(rows, dtype=x.dtype)
-    rstd = cp.empty(rows, dtype=x.dtype)
-    dummy = cp.empty(1, dtype=x.dtype)
+    rows, y, mean, rstd = _normalize_outputs(x)
     if rows and d:
         _kernel("layer_norm_fwd", x.dtype)(
             (rows,), (_block(min(d, 256)),),
-            (x, weight if weight is not None else dummy, bias if bias is not None else dummy,
-             np.int32(weight is not None), np.int32(bias is not None), np.int32(d), x.dtype.type(eps),
-             y, mean, rstd))
+            (x, *_affine(weight, bias, x.dtype), np.int32(d), x.dtype.type(eps), y, mean, rstd))
     return y, mean, rstd
 
 
@@ -207,19 +205,14 @@ def _layer_norm_weight_grads(x, g, mean, rstd):
 def add_and_norm(x, s, weight, bias, eps, p, seed, offset):
     """``LayerNorm(x + s * m)`` with ``m`` the dropout mask ``dropout_apply(·, p, seed, offset)`` would
     use on ``s`` (none when ``p == 0``). Returns ``(y, z, mean, rstd)``, ``z = x + s * m``."""
-    cp = backend.cupy()
     x, s = _contiguous(x), _contiguous(s)
     d = x.shape[-1]
-    rows = x.size // max(d, 1)
-    z, y = cp.empty_like(x), cp.empty_like(x)
-    mean = cp.empty(rows, dtype=x.dtype)
-    rstd = cp.empty(rows, dtype=x.dtype)
-    dummy = cp.empty(1, dtype=x.dtype)
+    rows, y, mean, rstd = _normalize_outputs(x)
+    z = backend.cupy().empty_like(x)
     if rows and d:
         _kernel("add_norm_fwd", x.dtype)(
             (rows,), (_block(min(d, 256)),),
-            (x, s, weight if weight is not None else dummy, bias if bias is not None else dummy,
-             np.int32(weight is not None), np.int32(bias is not None), np.int32(d), x.dtype.type(eps),
+            (x, s, *_affine(weight, bias, x.dtype), np.int32(d), x.dtype.type(eps),
              np.uint64(_stream_key(seed)), np.uint64(offset), _dropout_base(), np.float32(p),
              x.dtype.type(1.0 / (1.0 - p)), z, y, mean, rstd))
     return y, z, mean, rstd
