@@ -168,3 +168,54 @@ def test_embedding_backward_kernel_adds_repeated_ids(emulated, dtype, rng):
     ref = np.zeros((15, 130))
     np.add.at(ref, ids.reshape(-1), g.reshape(-1, 130).astype(np.float64))
     np.testing.assert_allclose(dW, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_a_whole_transformer_takes_the_fused_path_to_the_same_logits_and_gradients(
+        emulated, monkeypatch, dtype, norm_first, rng):
+    """The model's GPU code path — fused attention, Add & Norm, LayerNorm, ReLU, cross-entropy, the
+    embedding backward, Q, K, V by one product — run on the CPU with the emulated kernels (the
+    matrix products by NumPy), against the array path: the same loss, logits and gradients."""
+    src = rng.integers(4, 40, size=(3, 9))
+    tgt = rng.integers(4, 40, size=(3, 7))
+    src[0, 6:] = 0
+    tgt[1, 5:] = 0
+    out, launched = [], set()
+    emulated_kernel = kernels._kernel
+
+    def recording(name, dtype):
+        launched.add(name)
+        return emulated_kernel(name, dtype)
+    for path in ("array", "fused"):
+        with monkeypatch.context() as m:
+            if path == "fused":
+                m.setattr(kernels, "_kernel", recording)
+                m.setattr(backend, "fused", lambda *arrays: all(a.dtype in (np.float32, np.float64) for a in arrays))
+                m.setattr(kernels, "batched_matmul", lambda a, b: a @ b)
+                m.setattr(kernels, "column_sum", lambda g: g.sum(axis=0))
+            previous = mt.get_default_dtype()
+            mt.set_default_dtype(dtype)
+            try:
+                mt.manual_seed(1)
+                model = mt.nn.Transformer(vocab_size=40, d_model=32, num_heads=4, num_layers=2, d_ff=64,
+                                          dropout=0.0, norm_first=norm_first)
+                shift = np.random.default_rng(2)      # LayerNorm's γ ≠ 1, β ≠ 0, biases ≠ 0
+                for p in model.parameters():
+                    p.data[...] += (0.2 * shift.standard_normal(p.shape)).astype(p.dtype)
+                logits = model(src, tgt)
+                loss = F.cross_entropy(logits.reshape(-1, 40), tgt.reshape(-1), ignore_index=0,
+                                       label_smoothing=0.1)
+                loss.backward()
+            finally:
+                mt.set_default_dtype(previous)
+            out.append((loss.item(), logits.numpy(), {n: p.grad for n, p in model.named_parameters()}))
+    expected = {"masked_softmax_fwd", "softmax_bwd", "relu_fwd", "relu_bwd", "cross_entropy_fwd",
+                "cross_entropy_bwd", "embedding_bwd", "layer_norm_bwd_dwdb"}
+    expected |= {"layer_norm_fwd", "layer_norm_bwd_dx"} if norm_first else {"add_norm_fwd", "add_norm_bwd"}
+    assert expected <= launched, expected - launched
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == "float64" else dict(rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(out[1][0], out[0][0], **tol)
+    np.testing.assert_allclose(out[1][1], out[0][1], **tol)
+    for name, g in out[0][2].items():
+        np.testing.assert_allclose(out[1][2][name], g, err_msg=name, **tol)
