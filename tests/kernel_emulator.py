@@ -2,14 +2,15 @@
 thread at a time, so that ``minitransformer.kernels``' Python wrappers (grids, argument lists,
 output layouts) and the kernels' arithmetic can be tested against their array twins without a GPU.
 
-How: each kernel's source is cut out of ``kernels._source.KERNELS`` and compiled with a few macros
-that make CUDA C++ plain C++ (``blockIdx``/``threadIdx`` are globals). A kernel that synchronises its
+How: ``kernels._source`` is compiled with a few macros that make CUDA C++ plain C++
+(``blockIdx``/``threadIdx`` are globals), plus a C entry point per emulated kernel. A kernel that synchronises its
 block (``block_reduce``, ``__syncthreads``) runs with one thread per block: these kernels stride
 their loops by ``blockDim.x``, so one thread does the whole row, and ``block_reduce`` of one value is
 that value. Other kernels run every thread of every block in turn. A ``cupy`` stand-in made of NumPy
 calls stands behind ``backend.cupy()``. The GPU's warp-level summation order is not reproduced:
-results agree with the GPU's to rounding, not bitwise. Kernels written for a fixed warp layout (beam
-top-k) are not emulated, nor Adam's (its wrapper reads CuPy's device pointers).
+results agree with the GPU's to rounding, not bitwise. Beam search's top-k kernels need their real
+block of threads (their lists are merged across threads: with one thread they pick wrong
+candidates), and Adam's wrapper reads CuPy's device pointers: neither is emulated.
 """
 import ctypes
 import hashlib
@@ -40,7 +41,8 @@ inline void __syncthreads() {}
 template<typename T> inline T __shfl_xor_sync(unsigned, T v, int) { return v; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
 inline double __longlong_as_double(long long i) { double d; std::memcpy(&d, &i, 8); return d; }
-using std::exp; using std::log; using std::sqrt;
+#include <algorithm>
+using std::exp; using std::log; using std::sqrt; using std::min; using std::max;
 """
 
 # With one thread per block a block's sum is that thread's value.
@@ -95,10 +97,9 @@ class Emulator:
 
     def __init__(self, names):
         compiler = _compiler()
-        self.params, wrappers, sources = {}, [], []
+        self.params, wrappers = {}, []
         for name in names:
             src = _kernel_source(name)
-            sources.append(src)
             self.params[name] = _parameters(src)
             for t in ("float", "double"):
                 decl = ", ".join(f"{c.replace('T', t) if c in ('T', 'T*') else c} {n}"
@@ -115,7 +116,7 @@ extern "C" void run_{name}_{t}(unsigned grid_x_, unsigned grid_y_, unsigned bloc
             {name}<{t}>({call});
         }}
 }}""")
-        code = SHIM + _prelude() + "\n".join(sources) + "\n".join(wrappers)
+        code = SHIM + _prelude() + _source.KERNELS + "\n".join(wrappers)
         digest = hashlib.sha1(code.encode()).hexdigest()[:16]
         build = Path(tempfile.gettempdir()) / f"mt-kernel-emulator-{digest}"
         build.mkdir(exist_ok=True)

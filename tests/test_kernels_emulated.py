@@ -170,6 +170,48 @@ def test_embedding_backward_kernel_adds_repeated_ids(emulated, dtype, rng):
     np.testing.assert_allclose(dW, ref, **TOL[dtype])
 
 
+def gpu_code_path(monkeypatch):
+    """From here on, ops on NumPy float arrays take their fused (GPU) branch, with the emulated
+    kernels; matrix products stay NumPy's (cuBLAS is not emulated)."""
+    monkeypatch.setattr(backend, "fused", lambda *arrays: all(a.dtype in (np.float32, np.float64) for a in arrays))
+    monkeypatch.setattr(kernels, "batched_matmul", lambda a, b: a @ b)
+    monkeypatch.setattr(kernels, "column_sum", lambda g: g.sum(axis=0))
+
+
+def shifted_model(**overrides):
+    """A small Transformer whose parameters are all moved off their initial values (LayerNorm's
+    γ ≠ 1, β ≠ 0, biases ≠ 0), the same for the same arguments."""
+    mt.manual_seed(1)
+    model = mt.nn.Transformer(**dict(dict(vocab_size=40, d_model=32, num_heads=4, num_layers=2, d_ff=64,
+                                          dropout=0.0), **overrides))
+    shift = np.random.default_rng(2)
+    for p in model.parameters():
+        p.data[...] += (0.2 * shift.standard_normal(p.shape)).astype(p.dtype)
+    return model
+
+
+@pytest.mark.parametrize("fixed_cache", [False, True])
+def test_beam_search_takes_the_fused_path_to_the_same_hypotheses(emulated, monkeypatch, fixed_cache, rng):
+    """Decoding through the GPU code path (log-softmax kernel, fused attention over the growing or
+    fixed-size cache, one product for Q, K, V) finds the array path's hypotheses and scores. The
+    candidates are picked by the host top-k: the GPU's top-k kernels are not emulated."""
+    from minitransformer.decode import beam_search
+    src = rng.integers(4, 40, size=(5, 7))
+    src[1, 4:] = 0
+    model = shifted_model()
+    model.eval()
+    expected = beam_search(model, src, 1, 2, 4, max_len_b=10, fixed_cache=fixed_cache, return_scores=True)
+    gpu_code_path(monkeypatch)
+    monkeypatch.setattr(kernels, "TOPK_MAX", 0)
+    launched = set()
+    emulated_kernel = kernels._kernel
+    monkeypatch.setattr(kernels, "_kernel", lambda name, dtype: launched.add(name) or emulated_kernel(name, dtype))
+    got = beam_search(model, src, 1, 2, 4, max_len_b=10, fixed_cache=fixed_cache, return_scores=True)
+    assert {"log_softmax_fwd", "masked_softmax_fwd", "add_norm_fwd"} <= launched
+    assert got[0] == expected[0]
+    np.testing.assert_allclose(got[1], expected[1], rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("norm_first", [False, True])
 def test_a_whole_transformer_takes_the_fused_path_to_the_same_logits_and_gradients(
@@ -191,18 +233,11 @@ def test_a_whole_transformer_takes_the_fused_path_to_the_same_logits_and_gradien
         with monkeypatch.context() as m:
             if path == "fused":
                 m.setattr(kernels, "_kernel", recording)
-                m.setattr(backend, "fused", lambda *arrays: all(a.dtype in (np.float32, np.float64) for a in arrays))
-                m.setattr(kernels, "batched_matmul", lambda a, b: a @ b)
-                m.setattr(kernels, "column_sum", lambda g: g.sum(axis=0))
+                gpu_code_path(m)
             previous = mt.get_default_dtype()
             mt.set_default_dtype(dtype)
             try:
-                mt.manual_seed(1)
-                model = mt.nn.Transformer(vocab_size=40, d_model=32, num_heads=4, num_layers=2, d_ff=64,
-                                          dropout=0.0, norm_first=norm_first)
-                shift = np.random.default_rng(2)      # LayerNorm's γ ≠ 1, β ≠ 0, biases ≠ 0
-                for p in model.parameters():
-                    p.data[...] += (0.2 * shift.standard_normal(p.shape)).astype(p.dtype)
+                model = shifted_model(norm_first=norm_first)
                 logits = model(src, tgt)
                 loss = F.cross_entropy(logits.reshape(-1, 40), tgt.reshape(-1), ignore_index=0,
                                        label_smoothing=0.1)
