@@ -185,7 +185,11 @@ class Tensor:
                             whole += grads[key]
                         grads[key] = whole
                         owned.add(key)
-                    grads[key][parent_grad.index] += parent_grad.grad
+                    region = grads[key][parent_grad.index]
+                    if backend.is_array(region):   # a view: add in place (``whole[i] += g`` would
+                        region += parent_grad.grad  # also copy the sum onto itself: one more launch)
+                    else:                          # NumPy gives a scalar, not a view, for one element
+                        grads[key][parent_grad.index] += parent_grad.grad
                 elif key not in grads:
                     grads[key] = parent_grad
                 elif key in owned:

@@ -449,6 +449,14 @@ def test_parts_of_a_tensor_fill_one_gradient(device, randn, rng):
     np.testing.assert_allclose(mt.backend.to_numpy(x.grad), 2 * expected, rtol=1e-12)
 
 
+def test_parts_that_are_single_elements_add_up(device, randn):
+    """x[1] of a 1-D array is one element (a NumPy scalar, not a view): its gradient still lands."""
+    x = randn(4)
+    (x[1] * 3.0 + x[2] + x[1] + x[-1] * x[-1]).backward()
+    expected = np.array([0.0, 4.0, 1.0, 2 * x.numpy()[-1]])
+    np.testing.assert_allclose(mt.backend.to_numpy(x.grad), expected, rtol=1e-12)
+
+
 def test_parts_reach_an_intermediate_tensor_that_retains_its_grad(device, randn):
     x = randn(2, 3)
     h = (x * 3.0).retain_grad()
