@@ -23,25 +23,25 @@ def _affine_parents(op, x, weight, bias):
     return parents
 
 
-def _normalize(z, weight, bias, eps):
-    """The array forward: ``(y, backward)`` where ``backward(g) -> (dz, dγ, dβ)`` (None for an
+def _normalize(x, weight, bias, eps):
+    """The array forward: ``(y, backward)`` where ``backward(g) -> (dx, dγ, dβ)`` (None for an
     absent or constant γ, β)."""
-    xp, d = backend.get_array_module(z), z.shape[-1]
-    mean = z.mean(axis=-1, keepdims=True)
-    centered = z - mean
+    xp, d = backend.get_array_module(x), x.shape[-1]
+    mean = x.mean(axis=-1, keepdims=True)
+    centered = x - mean
     rstd = 1.0 / xp.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
-    z_hat = centered * rstd
-    y = z_hat * weight.data if weight is not None else z_hat.copy()
+    x_hat = centered * rstd
+    y = x_hat * weight.data if weight is not None else x_hat.copy()
     if bias is not None:
         y += bias.data
 
     def backward(g):
-        dz_hat = g * weight.data if weight is not None else g
-        dz = rstd * (dz_hat - dz_hat.mean(axis=-1, keepdims=True)
-                     - z_hat * (dz_hat * z_hat).mean(axis=-1, keepdims=True))
-        dw = (g * z_hat).reshape(-1, d).sum(axis=0) if weight is not None and weight.requires_grad else None
+        dx_hat = g * weight.data if weight is not None else g
+        dx = rstd * (dx_hat - dx_hat.mean(axis=-1, keepdims=True)
+                     - x_hat * (dx_hat * x_hat).mean(axis=-1, keepdims=True))
+        dw = (g * x_hat).reshape(-1, d).sum(axis=0) if weight is not None and weight.requires_grad else None
         db = g.reshape(-1, d).sum(axis=0) if bias is not None and bias.requires_grad else None
-        return dz, dw, db
+        return dx, dw, db
     return y, backward
 
 
