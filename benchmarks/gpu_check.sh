@@ -10,7 +10,8 @@
 # (default "0") how many pairs of runs (e.g. SEEDS="0 1 2": three, side by side on one GPU; each run's
 # checkpoint is then evaluated on the whole test split eagerly and with --cuda-graph, EVAL_GRAPH=0 skips it); TRAIN=0
 # leaves them out, DECODE=0 the decode benchmark, TWIN=0 the twins, TRAIN_ARGS adds options to our runs (e.g. --cuda-graph),
-# EXTRA=1 adds our unfused step, the per-op profile and where a replayed decoding step's time goes. The step benchmarks time our step eagerly and
+# EXTRA=1 adds our unfused step, the per-op profile and where a replayed decoding step's time goes;
+# BASELINE=<dir> times an earlier checkout's small eager step alternately with ours. The step benchmarks time our step eagerly and
 # replayed as a CUDA graph (--cuda-graph: a third side).
 # With TRAIN=0 the test suite runs first, alone, then the benchmarks (decode first, then the step
 # benchmarks, most wanted first); DEADLINE=<seconds> starts nothing after that many seconds and cuts
@@ -73,6 +74,20 @@ BENCHES=()
 for args in "${BENCHES[@]}"; do
   bench train_step "$args --rounds 5"
 done
+# BASELINE=<dir>: the files of an earlier commit (`mkdir bench-base && git archive <rev> | tar -x -C
+# bench-base`: no .git inside, in a folder git does not ignore, so that it travels with the tree): its
+# small eager step and ours, alternating in separate processes, each against its own PyTorch side
+# ($OUT/baseline.jsonl has the baseline's)
+if [ "${BENCH:-1}" = 1 ] && [ -n "${BASELINE:-}" ]; then
+  for round in 1 2; do
+    bench train_step "--config small --rounds 5"
+    t=$(limit 240)
+    if [ "$t" = 0 ]; then echo "SKIPPED (past DEADLINE): baseline $round" >> "$OUT/bench.err"; break; fi
+    stamp "baseline $BASELINE train_step --config small"
+    PYTHONPATH="$BASELINE" timeout "$t" $PY "$BASELINE/benchmarks/train_step.py" --device cuda --config small \
+      --rounds 5 --json >> "$OUT/baseline.jsonl" 2>> "$OUT/bench.err" || echo "FAILED: baseline $round" >> "$OUT/bench.err"
+  done
+fi
 
 if [ "${EXTRA:-0}" = 1 ]; then
   stamp "profile"
@@ -120,6 +135,7 @@ stamp "done"
 
 echo "== benchmarks (full JSON in $OUT/bench.jsonl)"; tail -5 "$OUT/bench.err" 2>/dev/null
 [ -f "$OUT/bench.jsonl" ] && $PY benchmarks/summarize.py "$OUT/bench.jsonl"
+[ -f "$OUT/baseline.jsonl" ] && { echo "== baseline $BASELINE"; $PY benchmarks/summarize.py "$OUT/baseline.jsonl"; }
 echo "== tests"; tail -25 "$OUT/pytest.txt" 2>/dev/null
 [ "${TRAIN:-1}" = 1 ] || exit 0
 for seed in ${SEEDS:-0}; do
