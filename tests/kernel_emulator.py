@@ -15,6 +15,7 @@ candidates), and Adam's wrapper reads CuPy's device pointers: neither is emulate
 import ctypes
 import hashlib
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -121,13 +122,15 @@ extern "C" void run_{name}_{t}(unsigned grid_x_, unsigned grid_y_, unsigned bloc
         build = Path(tempfile.gettempdir()) / f"mt-kernel-emulator-{digest}"
         build.mkdir(exist_ok=True)
         lib = build / "kernels.so"
-        if not lib.exists():
-            (build / "kernels.cpp").write_text(code)
+        if not lib.exists():   # built under names of this process, then moved: pytest -n workers race
+            source, built = build / f"kernels.{os.getpid()}.cpp", build / f"kernels.{os.getpid()}.so"
+            source.write_text(code)
             # -ffp-contract=off: no fused multiply-add, as the GPU build's --fmad=false
             result = subprocess.run([*compiler, "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-std=c++14",
-                                     "-o", str(lib), str(build / "kernels.cpp")], capture_output=True, text=True)
+                                     "-o", str(built), str(source)], capture_output=True, text=True)
             if result.returncode:
                 raise RuntimeError(f"compiling the emulated kernels failed:\n{result.stderr[:4000]}")
+            os.replace(built, lib)
         self.lib = ctypes.CDLL(str(lib))
 
     def kernel(self, name, dtype):

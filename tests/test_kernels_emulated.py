@@ -3,6 +3,8 @@ host's C++ compiler), through the same Python wrappers the GPU path calls, again
 This checks grids, argument lists, output layouts and arithmetic without a GPU; ``test_kernels.py``
 checks the real thing (warp reductions, capture) on one.
 """
+import os
+
 import numpy as np
 import pytest
 
@@ -22,8 +24,12 @@ TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol
 def emulator():
     try:
         return Emulator(EMULATED)
-    except RuntimeError as e:   # no compiler on this machine: say so, loudly
-        pytest.fail(f"the kernel emulator needs a C++ compiler: {e}")
+    except RuntimeError as e:
+        # CI always has a compiler (.ci/run installs one where there is none): there this fails;
+        # elsewhere (e.g. a GPU machine without g++ and without a registry) it is skipped, saying why
+        if os.environ.get("CI"):
+            pytest.fail(f"the kernel emulator needs a C++ compiler: {e}")
+        pytest.skip(f"no C++ compiler for the kernel emulator ({e}); `pip install ziglang` gives one")
 
 
 @pytest.fixture
