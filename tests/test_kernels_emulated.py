@@ -260,3 +260,20 @@ def test_a_whole_transformer_takes_the_fused_path_to_the_same_logits_and_gradien
     np.testing.assert_allclose(out[1][1], out[0][1], **tol)
     for name, g in out[0][2].items():
         np.testing.assert_allclose(out[1][2][name], g, err_msg=name, **tol)
+
+
+def test_one_product_for_q_k_v_makes_fewer_launches(emulator):
+    """benchmarks/launch_count.py counts a training step's GPU launches on the CPU (emulated kernels,
+    every array op counted as CuPy would launch it); Q, K, V by one product must make fewer."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "launch_count.py"
+    totals = {}
+    for variant in ([], ["--three-products"]):
+        run = subprocess.run([sys.executable, str(script), "--config", "micro", *variant],
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        totals[bool(variant)] = int(re.search(r"(\d+) launches a training step", run.stdout).group(1))
+    assert totals[False] < totals[True], totals
