@@ -182,6 +182,9 @@ def main():
     parser.add_argument("--tree", default=str(ROOT), help="the checkout whose minitransformer is counted")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--by-op", action="store_true", help="also the launches of each op, forward and backward")
+    parser.add_argument("--decode", type=int, metavar="ROWS", default=0,
+                        help="instead: one step of cached decoding (fixed-size cache, as beam search replays "
+                             "it) for ROWS hypotheses, up to the log-probabilities")
     args = parser.parse_args()
     sys.path[:0] = [args.tree, str(ROOT / "tests"), str(ROOT / "benchmarks")]
     import minitransformer as mt
@@ -268,6 +271,9 @@ def main():
     for m in model.modules():
         for name in m._buffers:
             object.__setattr__(m, name, upload(np.asarray(getattr(m, name))))
+    if args.decode:
+        count_decoding_step(model, c, args)
+        return
     from minitransformer.optim import Adam
     optimizer = Adam(model.parameters())
     src, tgt_in, tgt_out = make_batch(c)
@@ -298,6 +304,25 @@ def main():
             print(f"  {phase} by op: {dict(counter.most_common())}")
         print(f"  backward outside the ops (the walk adding up gradients): "
               f"{parts['backward'] - sum(by_op['backward'].values())}")
+
+
+def count_decoding_step(model, c, args):
+    """Launches of one fixed-cache decoding step (the second: the first also computes the
+    cross-attention keys and values), from the decoder to the log-probabilities."""
+    import minitransformer as mt
+    from minitransformer.decode import _step_logprobs
+    model.eval()
+    rng = np.random.default_rng(0)
+    src = rng.integers(4, c["vocab_size"], size=(args.decode, c["length"]))
+    with mt.no_grad():
+        memory, src_mask = model.encode(src)
+        cache = model.new_cache(args.decode, 16)
+        tokens = upload(np.full((args.decode, 1), 1, dtype=np.int64))
+        for step in range(2):
+            COUNTS.clear()
+            _step_logprobs(model, tokens, memory, src_mask, cache)
+    print(f"{args.config}, {args.tree}: {sum(COUNTS.values())} launches a decoding step for {args.decode} "
+          f"hypotheses (fixed cache, decoder and log-softmax); by kind: {dict(sorted(COUNTS.items()))}")
 
 
 if __name__ == "__main__":
