@@ -15,7 +15,6 @@ commit's files) with this checkout's emulator.
 import argparse
 import collections
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
