@@ -10,7 +10,7 @@ that value. Other kernels run every thread of every block in turn. A ``cupy`` st
 calls stands behind ``backend.cupy()``. The GPU's warp-level summation order is not reproduced:
 results agree with the GPU's to rounding, not bitwise. Beam search's top-k kernels need their real
 block of threads (their lists are merged across threads: with one thread they pick wrong
-candidates), and Adam's wrapper reads CuPy's device pointers: neither is emulated.
+candidates): they are not emulated.
 """
 import ctypes
 import hashlib

@@ -16,7 +16,7 @@ from kernel_emulator import Emulator, stand_in_cupy
 
 EMULATED = ("dropout_apply", "log_softmax_fwd", "log_softmax_bwd", "layer_norm_fwd", "layer_norm_bwd_dx", "layer_norm_bwd_dwdb",
             "add_norm_fwd", "add_norm_bwd", "masked_softmax_fwd", "softmax_bwd", "relu_fwd", "relu_bwd",
-            "cross_entropy_fwd", "cross_entropy_bwd", "embedding_bwd")
+            "cross_entropy_fwd", "cross_entropy_bwd", "embedding_bwd", "adam_step")
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
 
 
@@ -260,6 +260,35 @@ def test_a_whole_transformer_takes_the_fused_path_to_the_same_logits_and_gradien
     np.testing.assert_allclose(out[1][1], out[0][1], **tol)
     for name, g in out[0][2].items():
         np.testing.assert_allclose(out[1][2][name], g, err_msg=name, **tol)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_adam_kernel_updates_every_parameter_as_the_array_version(emulated, dtype, rng):
+    """One launch over tensors of several sizes (one over a 65,536-element chunk) after a few
+    steps: parameters and both moments equal the array version's."""
+    from minitransformer.nn.module import Parameter
+    from minitransformer.optim import Adam
+    shapes = [(7,), (300, 250), (30, 40)]
+    start = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    ref = [Parameter(a.copy()) for a in start]
+    opt = Adam(ref, lr=0.01)
+    params = [a.copy() for a in start]
+    ms, vs = [np.zeros_like(a) for a in start], [np.zeros_like(a) for a in start]
+    emulated._chunk_table.cache_clear()      # its tables are NumPy arrays here: keep them from GPU runs
+    try:
+        for _ in range(3):
+            grads = [rng.standard_normal(s).astype(dtype) for s in shapes]
+            for p, g in zip(ref, grads):
+                p.grad = g
+            opt.step()                                          # the array version (NumPy arrays)
+            step_size, sqrt_correction2 = opt.corrections()
+            emulated.adam_step(params, grads, ms, vs, *opt.betas, step_size, sqrt_correction2, opt.eps)
+    finally:
+        emulated._chunk_table.cache_clear()
+    for i in range(len(shapes)):
+        np.testing.assert_allclose(params[i], ref[i].data, **TOL[dtype])
+        np.testing.assert_allclose(ms[i], opt.m[i], **TOL[dtype])
+        np.testing.assert_allclose(vs[i], opt.v[i], **TOL[dtype])
 
 
 def test_one_product_for_q_k_v_makes_fewer_launches(emulator):
