@@ -130,21 +130,23 @@ class CountingNumpy:
     def empty_like(a, dtype=None):
         return owned(a.shape, dtype or a.dtype)
 
-    def zeros(self, shape, dtype=float):
+    @staticmethod
+    def full(shape, value, dtype=float):
         out = owned(shape, dtype)
-        out.fill(0)
+        out.fill(value)                  # one launch
         return out
+
+    def zeros(self, shape, dtype=float):
+        return self.full(shape, 0, dtype)
 
     def zeros_like(self, a, dtype=None):
-        return self.zeros(a.shape, dtype or a.dtype)
+        return self.full(a.shape, 0, dtype or a.dtype)
 
     def ones(self, shape, dtype=float):
-        out = owned(shape, dtype)
-        out.fill(1)
-        return out
+        return self.full(shape, 1, dtype)
 
     def ones_like(self, a, dtype=None):
-        return self.ones(a.shape, dtype or a.dtype)
+        return self.full(a.shape, 1, dtype or a.dtype)
 
     @staticmethod
     def ascontiguousarray(a):          # NumPy's does not dispatch to subclasses: it would hand back a plain array
