@@ -379,18 +379,24 @@ def as_tensor(x, like=None):
 
 
 def make_op(data, parents, backward, op):
-    """The output of an op: records its parents and backward when any parent needs a gradient."""
-    out = Tensor(data)
+    """The output of an op: records its parents and backward when any parent needs a gradient.
+
+    Built without ``Tensor()``'s checks (an op's output is already an array on its device): a
+    training step makes hundreds of these, and on a GPU a small model's step is host-bound."""
+    out = Tensor.__new__(Tensor)
+    out.data = np.asarray(data) if isinstance(data, np.generic) else data   # a full reduction's scalar
+    out.grad, out._retain_grad = None, False
     if _grad_enabled and any(p.requires_grad for p in parents):
-        out.requires_grad = True
-        out.parents = parents
-        out._backward = backward
-        out.op = op
+        out.requires_grad, out.parents, out._backward, out.op = True, parents, backward, op
+    else:
+        out.requires_grad, out.parents, out._backward, out.op = False, (), None, ""
     return out
 
 
 def check_same_device(op, *tensors):
     """Ops never move data silently: inputs on two devices is the caller's mistake."""
+    if len({type(t.data) for t in tensors if isinstance(t, Tensor)}) < 2:   # one array type: one device
+        return
     devices = {t.device for t in tensors if isinstance(t, Tensor)}
     if len(devices) > 1:
         shapes = ", ".join(f"{t.device}{tuple(t.shape)}" for t in tensors if isinstance(t, Tensor))
