@@ -45,8 +45,7 @@ def _grid(n, threads=_THREADS):
 
 
 def _contiguous(a):
-    # the flag first: CuPy's ascontiguousarray costs more even when it has nothing to do
-    return a if a.flags.c_contiguous else backend.cupy().ascontiguousarray(a)
+    return backend.cupy().ascontiguousarray(a)
 
 
 # ---- softmax (§3.2.1 attention weights) ---------------------------------------------------------
