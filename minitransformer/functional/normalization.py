@@ -9,18 +9,20 @@ from ..tensor import as_tensor, check_same_device, make_op
 from .dropout import apply_dropout, check_p
 
 
-def _affine_parents(op, x, weight, bias):
-    """``[x, weight, bias]`` as tensors (None left out), checked: each of shape ``(d,)``, one device."""
-    d = x.shape[-1]
-    parents = [x]
+def _parents(op, inputs, weight, bias):
+    """``(parents, weight, bias)``: the input tensors, then γ and β as tensors (None left out of
+    ``parents``), checked: γ and β of shape ``(d,)``, everything on one device."""
+    d = inputs[0].shape[-1]
+    affine = []
     for name, p in (("weight", weight), ("bias", bias)):
         if p is not None:
             p = as_tensor(p)
             if p.shape != (d,):
-                raise ValueError(f"{op}: {name} must have shape ({d},) for input {x.shape}, got {p.shape}")
-            parents.append(p)
+                raise ValueError(f"{op}: {name} must have shape ({d},) for input {inputs[0].shape}, got {p.shape}")
+        affine.append(p)
+    parents = [*inputs, *(p for p in affine if p is not None)]
     check_same_device(op, *parents)
-    return parents
+    return parents, affine[0], affine[1]
 
 
 def _normalize(x, weight, bias, eps):
@@ -60,9 +62,7 @@ def layer_norm(x, weight, bias, eps=1e-5):
     Backward, with ``dx̂ = g * γ`` and means over the last axis:
     ``dx = rstd * (dx̂ - mean(dx̂) - x̂ * mean(dx̂ * x̂))``, ``dγ = Σ g * x̂``, ``dβ = Σ g``.
     """
-    parents = _affine_parents("layer_norm", x, weight, bias)
-    weight = as_tensor(weight) if weight is not None else None
-    bias = as_tensor(bias) if bias is not None else None
+    parents, weight, bias = _parents("layer_norm", [x], weight, bias)
     if backend.fused(*(p.data for p in parents)) and len({p.dtype for p in parents}) == 1:
         return _fused(x, weight, bias, eps, parents)
     y, normalize_backward = _normalize(x.data, weight, bias, eps)
@@ -101,11 +101,7 @@ def add_and_norm(x, sublayer_out, weight, bias, dropout_p=0.0, training=False, e
                          f"got {x.shape} and {s.shape}")
     check_p(op, dropout_p)
     p = dropout_p if training else 0.0
-    parents = _affine_parents(op, x, weight, bias)
-    check_same_device(op, x, s)
-    parents.insert(1, s)
-    weight = as_tensor(weight) if weight is not None else None
-    bias = as_tensor(bias) if bias is not None else None
+    parents, weight, bias = _parents(op, [x, s], weight, bias)
     if backend.fused(*(t.data for t in parents)) and len({t.dtype for t in parents}) == 1:
         return _fused_add_and_norm(x, s, weight, bias, p, eps, parents)
     dropped, again = apply_dropout(s.data, p) if p > 0 else (s.data, None)
