@@ -51,14 +51,19 @@ class Tensor:
             data = data.astype(dtype, copy=False)
         if device is not None:
             data = backend.to_device(data, device)
+        if requires_grad and data.dtype.kind != "f":
+            raise TypeError(f"tensor: only floating tensors can require grad, got {data.dtype}")
+        self._set(data, bool(requires_grad), (), None, "")
+
+    def _set(self, data, requires_grad, parents, backward, op):
+        """Every attribute of a tensor, in one place (``make_op`` builds op outputs with it, without
+        ``__init__``'s checks)."""
         self.data = data
         self.grad = None
-        self.requires_grad = bool(requires_grad)
-        if self.requires_grad and self.data.dtype.kind != "f":
-            raise TypeError(f"tensor: only floating tensors can require grad, got {self.data.dtype}")
-        self.op = ""            # name of the op that made this tensor ("" for a leaf)
-        self.parents = ()       # the tensors it was computed from
-        self._backward = None   # grad_out -> tuple of grads, one per parent (None = no grad)
+        self.requires_grad = requires_grad
+        self.op = op                # name of the op that made this tensor ("" for a leaf)
+        self.parents = parents      # the tensors it was computed from
+        self._backward = backward   # grad_out -> tuple of grads, one per parent (None = no grad)
         self._retain_grad = False
 
     # ---- what the tensor is ------------------------------------------------------------
@@ -384,12 +389,11 @@ def make_op(data, parents, backward, op):
     Built without ``Tensor()``'s checks (an op's output is already an array on its device): a
     training step makes hundreds of these, and on a GPU a small model's step is host-bound."""
     out = Tensor.__new__(Tensor)
-    out.data = np.asarray(data) if isinstance(data, np.generic) else data   # a full reduction's scalar
-    out.grad, out._retain_grad = None, False
+    data = np.asarray(data) if isinstance(data, np.generic) else data   # a full reduction's scalar
     if _grad_enabled and any(p.requires_grad for p in parents):
-        out.requires_grad, out.parents, out._backward, out.op = True, parents, backward, op
+        out._set(data, True, parents, backward, op)
     else:
-        out.requires_grad, out.parents, out._backward, out.op = False, (), None, ""
+        out._set(data, False, (), None, "")
     return out
 
 
