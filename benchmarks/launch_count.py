@@ -205,11 +205,14 @@ def main():
             launch(grid, block, _plain(arguments))
         return counted_launch
 
-    def batched_matmul(a, b):          # kernels.batched_matmul: copies only what is neither C- nor transposed-contiguous
+    def batched_matmul(a, b, out=None):  # kernels.batched_matmul: copies only what is neither C- nor transposed-contiguous
         for x in (a, b):
             if not (x.flags.c_contiguous or x.swapaxes(-1, -2).flags.c_contiguous):
                 COUNTS["copy"] += 1
         COUNTS["matmul"] += 1
+        if out is not None:                # written into a part of a bigger array: no new one
+            np.matmul(_plain(a), _plain(b), out=_plain(out))
+            return out
         return _counted(_plain(a) @ _plain(b))
 
     def matmul(a, b):
@@ -251,6 +254,9 @@ def main():
         def counting_make_op(data, parents, backward, op):
             total = sum(COUNTS.values())
             by_op["forward"][op] += total - mark[0]
+            if type(backward) is tensor_module.PartBackward:   # kept: attention looks for it
+                mark[0] = total
+                return make_op(data, parents, backward, op)
 
             def counted_backward(g):
                 before = sum(COUNTS.values())

@@ -328,12 +328,27 @@ def _topological_order(root):
 class Part:
     """What a backward may return for a parent it read only part of (``parent[index]``, basic
     indexing): the gradient of that part. The walk adds every part into one zero-filled gradient of
-    the parent, so that reading q, k and v out of one packed array costs one buffer, not three."""
+    the parent, so that several parts read out of one array cost one buffer, not one each."""
 
     __slots__ = ("index", "grad")
 
     def __init__(self, index, grad):
         self.index, self.grad = index, grad
+
+
+class PartBackward:
+    """The backward of ``x[index]`` with basic indexing: ``g`` is the ``Part`` ``index`` of x's
+    gradient. A class, not a closure, so that an op can see that its input was read out of another
+    tensor, and where (scaled dot-product attention writes the gradients of q, k and v read out of
+    one tensor into one array: ``functional/attention.py``)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index):
+        self.index = index
+
+    def __call__(self, g):
+        return (Part(self.index, g),)
 
 
 def _leaf_grad(array):

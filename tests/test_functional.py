@@ -310,6 +310,20 @@ def _make(rng):   # one set of keys/values shared by the batch: their gradient s
             (lambda q, k, v, m: torch_attention_weights(q, k, m) @ v))
 
 
+@case("scaled_dot_product_attention", "packed-q-k-v")
+def _make(rng):   # q, k, v read out of one array, as MultiHeadAttention's one product does
+    arrays = [normal(rng, 3, 2, 2, 4, 3), key_padding(rng, 2, 4, 2)]
+    return (arrays, (lambda s, m: F.scaled_dot_product_attention(s[0], s[1], s[2], mask=m)[0]),
+            (lambda s, m: TF.scaled_dot_product_attention(s[0], s[1], s[2], attn_mask=m)))
+
+
+@case("scaled_dot_product_attention", "packed-k-v")
+def _make(rng):   # cross-attention: k and v out of one array, q on its own
+    arrays = [normal(rng, 2, 2, 3, 4), normal(rng, 2, 2, 2, 5, 4), key_padding(rng, 2, 5, 2)]
+    return (arrays, (lambda q, s, m: F.scaled_dot_product_attention(q, s[0], s[1], mask=m)[0]),
+            (lambda q, s, m: TF.scaled_dot_product_attention(q, s[0], s[1], attn_mask=m)))
+
+
 # ---- the harness --------------------------------------------------------------------------
 
 def build(make, rng, dtype, device):
@@ -437,6 +451,40 @@ def test_attention_dropout_gradcheck(device, randn, rng):
         mt.manual_seed(7)
         return F.scaled_dot_product_attention(q, k, v, mask=mask, dropout_p=0.3, training=True)
     assert mt.gradcheck(attend, q, k, v)
+
+
+def test_attention_writes_the_gradients_of_q_k_v_read_out_of_one_tensor_into_one_array(device, randn):
+    """q, k, v = s[0], s[1], s[2] (all of s): the op's parent is s itself, whose gradient is one
+    array the products wrote into; it equals the gradients of three separate inputs. With k, v
+    swapped, dropout, and s also read elsewhere (its parts then add to that array)."""
+    s, mask = randn(3, 2, 2, 4, 3), mt.tensor(np.tril(np.ones((4, 4), bool)), device=device)
+    w = randn(4, 3)
+    parts = [mt.tensor(s.numpy()[i], requires_grad=True, device=device) for i in range(3)]
+    for order in ((0, 1, 2), (0, 2, 1)):
+        for p in [s, *parts]:
+            p.zero_grad()
+        mt.manual_seed(3)
+        out, _ = F.scaled_dot_product_attention(*(s[i] for i in order), mask=mask, dropout_p=0.2, training=True)
+        assert len(out.parents) == 1 and out.parents[0] is s
+        ((out * w).sum() + (s[1] * w).sum()).backward()
+        mt.manual_seed(3)
+        ref, _ = F.scaled_dot_product_attention(*(parts[i] for i in order), mask=mask, dropout_p=0.2, training=True)
+        ((ref * w).sum() + (parts[1] * w).sum()).backward()
+        np.testing.assert_allclose(backend.to_numpy(s.grad), np.stack([backend.to_numpy(p.grad) for p in parts]), rtol=1e-12, atol=1e-12)
+
+
+def test_attention_keeps_separate_gradients_for_inputs_that_retain_them(device, randn):
+    """Only inputs that use up s, each once, and whose own gradient nobody keeps, are packed."""
+    s = randn(3, 2, 4, 3)
+    q, k, v = s[0].retain_grad(), s[1], s[2]
+    out, _ = F.scaled_dot_product_attention(q, k, v)
+    assert all(a is b for a, b in zip(out.parents, (q, k, v)))     # k and v alone do not use up s
+    out.sum().backward()
+    assert q.grad is not None and q.grad.shape == (2, 4, 3)
+    np.testing.assert_allclose(backend.to_numpy(s.grad)[0], backend.to_numpy(q.grad), rtol=1e-12)
+    assert F.scaled_dot_product_attention(s[0], s[1], s[1])[0].parents[0] is not s   # s[2] unused, s[1] twice
+    t = randn(4, 2, 4, 3)
+    assert all(p is not t for p in F.scaled_dot_product_attention(t[0], t[1], t[2])[0].parents)   # t[3] unused
 
 
 def test_attention_eval_ignores_dropout(device, randn):

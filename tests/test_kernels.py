@@ -310,6 +310,24 @@ def test_batched_matmul_reads_transposed_operands_in_place(rng, dtype, a_t, b_t,
     np.testing.assert_allclose(cp.asnumpy(kernels.batched_matmul(a, b)), expected, **TOL[dtype])
 
 
+@pytest.mark.parametrize("a_t", [False, True])
+def test_batched_matmul_writes_into_a_part_of_a_bigger_array(rng, a_t):
+    """``out=`` (attention's dQ, dK, dV written into one array): the product lands in that part,
+    the rest is untouched; a broadcast product (the fallback) too; a wrong shape is refused."""
+    cp = backend.cupy()
+    a = cp.asarray(rng.standard_normal((2, 3, 5, 4) if a_t else (2, 3, 4, 5)))
+    a = a.swapaxes(-1, -2) if a_t else a
+    b = cp.asarray(rng.standard_normal((2, 3, 5, 6)))
+    whole = cp.full((3, 2, 3, 4, 6), 7.0)
+    kernels.batched_matmul(a, b, out=whole[1])
+    np.testing.assert_allclose(cp.asnumpy(whole[1]), cp.asnumpy(a) @ cp.asnumpy(b), rtol=1e-12)
+    assert (cp.asnumpy(whole[0]) == 7.0).all() and (cp.asnumpy(whole[2]) == 7.0).all()
+    kernels.batched_matmul(a, b[:1], out=whole[2])                  # broadcast batch: CuPy's matmul
+    np.testing.assert_allclose(cp.asnumpy(whole[2]), cp.asnumpy(a) @ cp.asnumpy(b[:1]), rtol=1e-12)
+    with pytest.raises(ValueError, match="out has shape"):
+        kernels.batched_matmul(a, b, out=whole[0].reshape(2, 3, 6, 4))
+
+
 def test_batched_matmul_falls_back_for_broadcast_batches(rng):
     cp = backend.cupy()
     a, b = cp.asarray(rng.standard_normal((2, 3, 4, 5))), cp.asarray(rng.standard_normal((1, 3, 5, 2)))

@@ -8,7 +8,7 @@ The mask is boolean, True where a query *may* attend to a key, and broadcasts to
 import math
 
 from .. import backend, kernels
-from ..tensor import Tensor, as_tensor, check_same_device, make_op, unbroadcast
+from ..tensor import PartBackward, Tensor, as_tensor, check_same_device, make_op, unbroadcast
 from .dropout import apply_dropout, check_p
 
 
@@ -55,8 +55,9 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
         except ValueError:
             raise ValueError(f"{op}: mask of shape {mask.shape} is not broadcastable to the attention "
                              f"scores' shape (…, Lq, Lk) = {scores_shape}") from None
+    grads = _Gradients(q, k, v)
     if backend.fused(q.data, k.data, v.data) and len(scores_shape) <= 4 and len({q.dtype, k.dtype, v.dtype}) == 1:
-        return _fused(q, k, v, mask, scale, dropout_p if training else 0.0)
+        return _fused(q, k, v, mask, scale, dropout_p if training else 0.0, grads)
 
     scores = (q.data @ _t(k.data)) * q.dtype.type(scale)                     # (…, Lq, Lk)
     if mask is not None:
@@ -70,19 +71,66 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
     out = P_tilde @ v.data
 
     def backward(dO):
-        dV = unbroadcast(_t(P_tilde) @ dO, v.shape) if v.requires_grad else None
+        out_q, out_k, out_v = grads.destinations(xp)
+        mm = xp.matmul
+        dV = unbroadcast(mm(_t(P_tilde), dO, out=out_v), v.shape) if v.requires_grad else None
         dP = dO @ _t(v.data)
         if again is not None:
             dP = again(dP)
         dS = P * (dP - (dP * P).sum(axis=-1, keepdims=True))
         dS *= q.dtype.type(scale)
-        dQ = unbroadcast(dS @ k.data, q.shape) if q.requires_grad else None
-        dK = unbroadcast(_t(dS) @ q.data, k.shape) if k.requires_grad else None
-        return dQ, dK, dV
-    return make_op(out, (q, k, v), backward, op), Tensor(P)
+        dQ = unbroadcast(mm(dS, k.data, out=out_q), q.shape) if q.requires_grad else None
+        dK = unbroadcast(mm(_t(dS), q.data, out=out_k), k.shape) if k.requires_grad else None
+        return grads.of_parents(dQ, dK, dV)
+    return make_op(out, grads.parents, backward, op), Tensor(P)
 
 
-def _fused(q, k, v, mask, scale, dropout_p):
+class _Gradients:
+    """Where the backward puts dQ, dK, dV. Usually three arrays, one per input. But inputs read as
+    ``S[0], S[1], …`` out of one tensor S that they use up — MultiHeadAttention's one product keeps
+    the heads of Q, K and V in one array ``(3, B, h, L, d_k)`` — get their gradients written by the
+    products straight into the parts of one array of S's shape, and S becomes the op's parent in
+    their place: without it the graph walk zero-fills S's gradient and adds three parts into it
+    (four more GPU launches per attention). Not for an input whose gradient is to be kept
+    (``retain_grad``): it would get none."""
+
+    def __init__(self, q, k, v):
+        self.inputs, self.source, self.index = (q, k, v), None, (None, None, None)
+        self.parents = self.inputs
+        if not any(t.requires_grad for t in self.inputs):
+            return
+        index, sources = [], set()
+        for t in self.inputs:
+            read = t._backward
+            if type(read) is PartBackward and type(read.index) is int and not t._retain_grad:
+                index.append(read.index)
+                sources.add(id(t.parents[0]))
+            else:
+                index.append(None)
+        read = [t for t, i in zip(self.inputs, index) if i is not None]
+        if len(sources) != 1 or len({t.shape for t in read}) != 1:
+            return
+        source = read[0].parents[0]
+        if sorted(i for i in index if i is not None) != list(range(source.shape[0])) \
+                or len({t.shape[:-2] for t in self.inputs}) != 1:   # no broadcast batch axes to sum
+            return
+        self.source, self.index = source, tuple(index)
+        self.parents = (*(t for t, i in zip(self.inputs, index) if i is None), source)
+
+    def destinations(self, xp):
+        """Per input, the array its gradient is to be written into (None: a new one)."""
+        if self.source is None:
+            return None, None, None
+        self.whole = xp.empty(self.source.shape, self.source.dtype)
+        return tuple(None if i is None else self.whole[i] for i in self.index)
+
+    def of_parents(self, dQ, dK, dV):
+        if self.source is None:
+            return dQ, dK, dV
+        return (*(d for d, i in zip((dQ, dK, dV), self.index) if i is None), self.whole)
+
+
+def _fused(q, k, v, mask, scale, dropout_p, grads):
     """The same op on the GPU with fused kernels: one kernel for scale + mask + softmax, one for the
     softmax backward; dropout as everywhere (``apply_dropout``); the products read transposed operands in place (kernels.batched_matmul)."""
     mm = kernels.batched_matmul
@@ -93,12 +141,13 @@ def _fused(q, k, v, mask, scale, dropout_p):
     def backward(dO):
         # dO arrives as a transposed view (merge_heads' backward); both products below would copy it
         dO = q.xp.ascontiguousarray(dO)
-        dV = unbroadcast(mm(_t(P_tilde), dO), v.shape) if v.requires_grad else None
+        out_q, out_k, out_v = grads.destinations(q.xp)
+        dV = unbroadcast(mm(_t(P_tilde), dO, out=out_v), v.shape) if v.requires_grad else None
         dP = mm(dO, _t(v.data))
         if again is not None:
             dP = again(dP)
         dS = kernels.softmax_backward(P, dP, scale)
-        dQ = unbroadcast(mm(dS, k.data), q.shape) if q.requires_grad else None
-        dK = unbroadcast(mm(_t(dS), q.data), k.shape) if k.requires_grad else None
-        return dQ, dK, dV
-    return make_op(out, (q, k, v), backward, "scaled_dot_product_attention"), Tensor(P)
+        dQ = unbroadcast(mm(dS, k.data, out=out_q), q.shape) if q.requires_grad else None
+        dK = unbroadcast(mm(_t(dS), q.data, out=out_k), k.shape) if k.requires_grad else None
+        return grads.of_parents(dQ, dK, dV)
+    return make_op(out, grads.parents, backward, "scaled_dot_product_attention"), Tensor(P)

@@ -2,7 +2,7 @@
 split, contiguous, masked_fill. Each backward puts the gradient back where the element came from.
 docs/backward.md#shape-ops."""
 from .. import backend
-from ..tensor import Part, Tensor, as_tensor, check_same_device, make_op
+from ..tensor import PartBackward, Tensor, as_tensor, check_same_device, make_op
 
 
 def reshape(x, *shape):
@@ -66,7 +66,7 @@ def getitem(x, index):
         raise IndexError(f"getitem: {e} (tensor shape {x.shape})") from None
 
     if not _is_advanced(index):
-        return make_op(y, (x,), lambda g: (Part(index, g),), "getitem")
+        return make_op(y, (x,), PartBackward(index), "getitem")
 
     def backward(g):
         dx = x.xp.zeros_like(x.data)

@@ -288,23 +288,30 @@ def _operand(a):
     return _contiguous(a), False
 
 
-def batched_matmul(a, b):
+def batched_matmul(a, b, out=None):
     """``a @ b`` for ``(…, m, k) @ (…, k, n)`` with the same batch axes (or none), either operand
     possibly a transposed view (``x.swapaxes(-1, -2)``): one cuBLAS strided-batched GEMM, no copy.
     Anything else (broadcast batch axes, other dtypes) goes to ``a @ b``. While a CUDA graph is being
-    captured the GEMM goes through our own cuBLAS handle (``kernels.capture``)."""
+    captured the GEMM goes through our own cuBLAS handle (``kernels.capture``). ``out``: a
+    C-contiguous array of the product's shape and dtype to write it into (a part of a bigger one)."""
     cp = backend.cupy()
     capture = backend.capturing()
     if (a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype
             or a.dtype not in _GEMM or a.shape[-1] != b.shape[-2] or 0 in a.shape or 0 in b.shape
-            or (a.ndim == 2 and capture is None)):
-        return a @ b
+            or (a.ndim == 2 and capture is None)
+            or (out is not None and (out.dtype != a.dtype or not out.flags.c_contiguous))):
+        return a @ b if out is None else cp.matmul(a, b, out=out)
     *lead, m, k = a.shape
     n = b.shape[-1]
     batch = int(np.prod(lead))
     A, a_t = _operand(a)
     B, b_t = _operand(b)
-    C = cp.empty((*lead, m, n), dtype=a.dtype)
+    if out is None:
+        C = cp.empty((*lead, m, n), dtype=a.dtype)
+    elif out.shape != (*lead, m, n):
+        raise ValueError(f"batched_matmul: out has shape {out.shape}, the product {(*lead, m, n)}")
+    else:
+        C = out
     # Row-major C = A B is column-major Cᵀ = Bᵀ Aᵀ: B's memory goes first.
     dtype_id, compute, compute_tf32 = _GEMM[a.dtype]
     compute = compute_tf32 if backend.tf32_enabled() else compute
