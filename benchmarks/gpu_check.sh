@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the GPU must show, in one call on a machine with an NVIDIA GPU and CuPy:
 #   1. the step and decode benchmarks vs PyTorch, each alone on the GPU (benchmarks/*.py --json), and
-#      where our step spends its time (benchmarks/profile_step.py);
+#      where the small step's host time goes (benchmarks/host_costs.py, benchmarks/profile_step.py);
 #   2. then, side by side: the whole test suite on CuPy, and a `minitransformer train` run on the GPU
 #      with its PyTorch twin (benchmarks/train_translator_torch.py) trained for the same steps, both
 #      scored by the same decoder (BLEU, chrF).
@@ -74,6 +74,16 @@ BENCHES=()
 for args in "${BENCHES[@]}"; do
   bench train_step "$args --rounds 5"
 done
+# where the eager step's host time goes: the host cost of each kind of call (benchmarks/host_costs.py,
+# to multiply with benchmarks/launch_count.py's counts) and a cProfile of the small step ($OUT/host.txt)
+if [ "${BENCH:-1}" = 1 ]; then
+  t=$(limit 90)
+  if [ "$t" = 0 ]; then echo "SKIPPED (past DEADLINE): host costs" >> "$OUT/bench.err"; else
+    stamp "host costs, profile of the small step"
+    { timeout "$t" $PY benchmarks/host_costs.py; timeout 60 $PY benchmarks/profile_step.py --config small --steps 10; } \
+      > "$OUT/host.txt" 2>&1
+  fi
+fi
 # BASELINE=<dir>: the files of an earlier commit (`mkdir bench-base && git archive <rev> | tar -x -C
 # bench-base`: no .git inside, in a folder git does not ignore, so that it travels with the tree): its
 # small eager step and ours, alternating in separate processes, each against its own PyTorch side
@@ -136,6 +146,7 @@ stamp "done"
 echo "== benchmarks (full JSON in $OUT/bench.jsonl)"; tail -5 "$OUT/bench.err" 2>/dev/null
 [ -f "$OUT/bench.jsonl" ] && $PY benchmarks/summarize.py "$OUT/bench.jsonl"
 [ -f "$OUT/baseline.jsonl" ] && { echo "== baseline $BASELINE"; $PY benchmarks/summarize.py "$OUT/baseline.jsonl"; }
+[ -f "$OUT/host.txt" ] && { echo "== host costs (whole: $OUT/host.txt)"; head -20 "$OUT/host.txt"; }
 echo "== tests"; tail -25 "$OUT/pytest.txt" 2>/dev/null
 [ "${TRAIN:-1}" = 1 ] || exit 0
 for seed in ${SEEDS:-0}; do
