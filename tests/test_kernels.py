@@ -150,6 +150,28 @@ def test_add_and_norm_with_dropout_is_dropout_add_layer_norm_on_the_gpu(rng, dty
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("Lk", [9, 1500])
+def test_attention_dropout_inside_the_softmax_kernels_is_dropout_apply_on_the_gpu(rng, dtype, Lk):
+    """The softmax kernels' own dropout (P·m in the forward, dP·m in the backward) equals, bit for
+    bit, dropout_apply's launch with the same (seed, offset); and the op with dropout draws it."""
+    cp = backend.cupy()
+    scores = cp.asarray(rng.standard_normal((2, 3, 5, Lk)), dtype=dtype)
+    mask = cp.asarray(rng.random((2, 1, 1, Lk)) > 0.3)
+    dP = cp.asarray(rng.standard_normal(scores.shape), dtype=dtype)
+    P, P_tilde = kernels.masked_softmax_dropout(scores, mask, 0.5, 0.3, 11, 1000)
+    np.testing.assert_array_equal(cp.asnumpy(P), cp.asnumpy(kernels.masked_softmax(scores, mask, 0.5)))
+    np.testing.assert_array_equal(cp.asnumpy(P_tilde), cp.asnumpy(kernels.dropout_apply(P, 0.3, 11, 1000)))
+    np.testing.assert_array_equal(
+        cp.asnumpy(kernels.softmax_backward(P, dP, 0.5, 0.3, 11, 1000)),
+        cp.asnumpy(kernels.softmax_backward(P, kernels.dropout_apply(dP, 0.3, 11, 1000), 0.5)))
+    q, k, v = (mt.tensor(rng.standard_normal(sh), dtype=dtype, device="cuda") for sh in [(4, 2, 30, 8)] * 3)
+    with fused(True):
+        out, weights = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3, training=True)
+    dropped = cp.asnumpy(out.data) - cp.asnumpy(weights.data) @ cp.asnumpy(v.data)
+    assert np.abs(dropped).max() > 1e-3                               # the output saw the dropout
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("N, C", [(5, 3), (64, 37000), (7, 1500), (300, 8000)])
 @pytest.mark.parametrize("label_smoothing, ignore", [(0.0, None), (0.1, 0), (0.1, None)])
 def test_cross_entropy_matches_the_array_version(rng, dtype, N, C, label_smoothing, ignore):

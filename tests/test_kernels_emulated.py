@@ -126,6 +126,45 @@ def test_masked_softmax_kernels_match_the_array_version(emulated, dtype, mask_sh
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("Lk", [9, 300])
+def test_attention_dropout_inside_the_softmax_kernels_is_dropout_apply(emulated, dtype, Lk, rng):
+    """Dropout on the attention weights done by the softmax kernels (forward: P and P·m in one
+    launch; backward: dP·m inside the softmax backward) gives bit for bit what dropout_apply's
+    launch of its own gives, with the same (seed, offset)."""
+    scores = rng.standard_normal((2, 3, 5, Lk)).astype(dtype)
+    mask = rng.random((2, 1, 1, Lk)) > 0.3
+    dP = rng.standard_normal(scores.shape).astype(dtype)
+    P, P_tilde = emulated.masked_softmax_dropout(scores, mask, 0.5, 0.3, 11, 1000)
+    np.testing.assert_array_equal(P, emulated.masked_softmax(scores, mask, 0.5))
+    np.testing.assert_array_equal(P_tilde, emulated.dropout_apply(P, 0.3, 11, 1000))
+    assert 0.1 < (P_tilde[P > 0] == 0).mean() < 0.5          # some dropped, most kept
+    np.testing.assert_array_equal(emulated.softmax_backward(P, dP, 0.5, 0.3, 11, 1000),
+                                  emulated.softmax_backward(P, emulated.dropout_apply(dP, 0.3, 11, 1000), 0.5))
+    assert not np.array_equal(emulated.softmax_backward(P, dP, 0.5, 0.3, 12, 1000),
+                              emulated.softmax_backward(P, dP, 0.5, 0.3, 11, 1000))
+
+
+def test_attention_with_dropout_on_the_fused_path_passes_gradcheck(emulated, monkeypatch, rng):
+    """The fused attention op with dropout (its mask drawn again in the backward) in float64:
+    finite differences agree with its gradients, with the same mask at every evaluation."""
+    gpu_code_path(monkeypatch)
+    q, k, v = (mt.tensor(rng.standard_normal(s), requires_grad=True) for s in [(2, 2, 3, 4), (2, 2, 5, 4), (2, 2, 5, 3)])
+    mask = mt.tensor(rng.random((2, 1, 1, 5)) > 0.2)
+    mask.data[:, ..., 0] = True
+
+    def attend(q, k, v):
+        mt.manual_seed(5)
+        out, _ = F.scaled_dot_product_attention(q, k, v, mask=mask, dropout_p=0.3, training=True)
+        return out
+    launched = []
+    monkeypatch.setattr(kernels, "dropout_apply", lambda *a: launched.append(a))
+    assert mt.gradcheck(attend, q, k, v)
+    assert not launched                        # dropout took no launch of its own
+    plain, _ = F.scaled_dot_product_attention(q, k, v, mask=mask)
+    assert not np.allclose(attend(q, k, v).numpy(), plain.numpy())     # and it did drop weights
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 300)])
 def test_log_softmax_kernels_match_the_array_version(emulated, dtype, shape, rng):
     x = (rng.standard_normal(shape) * 3).astype(dtype)

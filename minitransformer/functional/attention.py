@@ -131,11 +131,17 @@ class _Gradients:
 
 
 def _fused(q, k, v, mask, scale, dropout_p, grads):
-    """The same op on the GPU with fused kernels: one kernel for scale + mask + softmax, one for the
-    softmax backward; dropout as everywhere (``apply_dropout``); the products read transposed operands in place (kernels.batched_matmul)."""
+    """The same op on the GPU with fused kernels: one kernel for scale + mask + softmax + dropout, one
+    for dropout's and the softmax's backward (the mask is ``apply_dropout``'s: the same counter-based
+    stream, drawn again); the products read transposed operands in place (kernels.batched_matmul)."""
     mm = kernels.batched_matmul
-    P = kernels.masked_softmax(mm(q.data, _t(k.data)), mask.data if mask is not None else None, scale)
-    P_tilde, again = apply_dropout(P, dropout_p) if dropout_p > 0 else (P, None)
+    scores, mask = mm(q.data, _t(k.data)), mask.data if mask is not None else None
+    if dropout_p > 0:   # the mask apply_dropout would draw, applied by the softmax kernel itself
+        seed, offset = backend.counter_stream(scores.size)
+        P, P_tilde = kernels.masked_softmax_dropout(scores, mask, scale, dropout_p, seed, offset)
+    else:
+        seed = offset = 0
+        P = P_tilde = kernels.masked_softmax(scores, mask, scale)
     out = mm(P_tilde, v.data)
 
     def backward(dO):
@@ -143,10 +149,8 @@ def _fused(q, k, v, mask, scale, dropout_p, grads):
         dO = q.xp.ascontiguousarray(dO)
         out_q, out_k, out_v = grads.destinations(q.xp)
         dV = unbroadcast(mm(_t(P_tilde), dO, out=out_v), v.shape) if v.requires_grad else None
-        dP = mm(dO, _t(v.data))
-        if again is not None:
-            dP = again(dP)
-        dS = kernels.softmax_backward(P, dP, scale)
+        dP = mm(dO, _t(v.data))                     # dropout's mask is applied to it by the kernel
+        dS = kernels.softmax_backward(P, dP, scale, dropout_p, seed, offset)
         dQ = unbroadcast(mm(dS, k.data, out=out_q), q.shape) if q.requires_grad else None
         dK = unbroadcast(mm(_t(dS), q.data, out=out_k), k.shape) if k.requires_grad else None
         return grads.of_parents(dQ, dK, dV)

@@ -53,15 +53,26 @@ def _contiguous(a):
 def masked_softmax(scores, mask, scale):
     """``P = softmax(where(mask, scores * scale, -inf))`` over the last axis; rows with no key
     left are 0. ``mask`` (bool, True = may attend) broadcasts to ``scores`` (≤ 4 axes) or is None."""
+    return _masked_softmax(scores, mask, scale, 0.0, 0, 0)[0]
+
+
+def masked_softmax_dropout(scores, mask, scale, p, seed, offset):
+    """``(P, P * m)``: ``masked_softmax`` and, in the same launch, dropout on its output with the
+    mask ``dropout_apply(P, p, seed, offset)`` would use (attention's weights, §5.4)."""
+    return _masked_softmax(scores, mask, scale, p, seed, offset)
+
+
+def _masked_softmax(scores, mask, scale, p, seed, offset):
     cp = backend.cupy()
     scores = _contiguous(scores)
     shape = scores.shape
     *lead, Lq, Lk = (1,) * (4 - len(shape)) + shape
     d0, d1 = lead
     P = cp.empty_like(scores)
+    P_tilde = cp.empty_like(scores) if p > 0 else None
     rows = d0 * d1 * Lq
     if rows == 0 or Lk == 0:
-        return P
+        return P, P_tilde
     if mask is not None:
         view = cp.broadcast_to(mask, shape).view(cp.uint8).reshape((1,) * (4 - len(shape)) + shape)
         strides = [s // view.itemsize for s in view.strides]
@@ -72,8 +83,17 @@ def masked_softmax(scores, mask, scale):
     _kernel("masked_softmax_fwd", scores.dtype)(
         (rows,), (_block(Lk),),
         (scores, mask_arg, np.int32(has_mask), *(np.int64(s) for s in strides),
-         np.int32(d1), np.int32(Lq), np.int32(Lk), T(scale), P))
-    return P
+         np.int32(d1), np.int32(Lq), np.int32(Lk), T(scale), P,
+         *_dropout_arguments(p, seed, offset, T), P_tilde if P_tilde is not None else P))
+    return P, P_tilde
+
+
+def _dropout_arguments(p, seed, offset, T):
+    """A kernel's dropout arguments ``(p, key, offset, base, 1 / (1 - p))`` as dropout_apply takes them."""
+    if p <= 0:
+        return np.float32(0), np.uint64(0), np.uint64(0), np.uint64(0), T(1)
+    return (np.float32(p), np.uint64(_stream_key(seed)), np.uint64(offset), _dropout_base(),
+            T(1.0 / (1.0 - p)))
 
 
 def _by_rows(name, *arrays, scalars=()):
@@ -88,9 +108,11 @@ def _by_rows(name, *arrays, scalars=()):
     return out
 
 
-def softmax_backward(P, dP, scale=1.0):
-    """``dS = P * (dP - Σ_k dP * P) * scale`` over the last axis."""
-    return _by_rows("softmax_bwd", P, dP, scalars=(P.dtype.type(scale),))
+def softmax_backward(P, dP, scale=1.0, p=0.0, seed=0, offset=0):
+    """``dS = P * (dP - Σ_k dP * P) * scale`` over the last axis; with ``p > 0``, ``dP`` is first
+    multiplied by the dropout mask ``dropout_apply(·, p, seed, offset)`` uses (the forward's, drawn again)."""
+    T = P.dtype.type
+    return _by_rows("softmax_bwd", P, dP, scalars=(T(scale), *_dropout_arguments(p, seed, offset, T)))
 
 
 def log_softmax(x):

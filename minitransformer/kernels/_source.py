@@ -55,14 +55,19 @@ __device__ __forceinline__ float uniform01(unsigned long long key, unsigned long
 KERNELS = r"""
 // softmax(S * scale) over the last axis of rows of length Lk, masked places (mask == 0) get 0;
 // a row with no key left is all 0. The mask is read through its broadcast strides (ms0..ms3).
+// With p_drop > 0 it also writes Pt = P * m, m the mask dropout_apply would use on P (the same
+// numbers: dropout on the attention weights without a launch of its own).
 template<typename T>
 __global__ void masked_softmax_fwd(const T* __restrict__ S, const unsigned char* __restrict__ mask, int has_mask,
                                    long long ms0, long long ms1, long long ms2, long long ms3,
-                                   int d1, int Lq, int Lk, T scale, T* __restrict__ P) {
+                                   int d1, int Lq, int Lk, T scale, T* __restrict__ P,
+                                   float p_drop, unsigned long long key, unsigned long long offset,
+                                   const unsigned long long* __restrict__ base, T keep_scale, T* __restrict__ Pt) {
     __shared__ T smem[33];
     const long long row = blockIdx.x;
     const T* s = S + row * Lk;
     T* p = P + row * Lk;
+    if (p_drop > 0.0f && base != nullptr) offset += *base;
     const unsigned char* m = mask;
     if (has_mask) {
         const long long iq = row % Lq, rest = row / Lq, i1 = rest % d1, i0 = rest / d1;
@@ -78,21 +83,34 @@ __global__ void masked_softmax_fwd(const T* __restrict__ S, const unsigned char*
         for (int k = threadIdx.x; k < Lk; k += blockDim.x)
             if (!has_mask || m[k * ms3]) total += t_exp(s[k] * scale - mx);
     total = block_reduce<T, false>(total, smem);
-    for (int k = threadIdx.x; k < Lk; k += blockDim.x)
-        p[k] = (!empty && (!has_mask || m[k * ms3])) ? t_exp(s[k] * scale - mx) / total : T(0);
+    for (int k = threadIdx.x; k < Lk; k += blockDim.x) {
+        const T v = (!empty && (!has_mask || m[k * ms3])) ? t_exp(s[k] * scale - mx) / total : T(0);
+        p[k] = v;
+        if (p_drop > 0.0f) Pt[row * Lk + k] = uniform01(key, offset + row * Lk + k) >= p_drop ? v * keep_scale : T(0);
+    }
 }
 
-// dS = P * (dP - sum_k dP * P) * scale, row by row.
+// dS = P * (dP - sum_k dP * P) * scale, row by row. With p_drop > 0, dP is first multiplied by the
+// dropout mask of the forward's P (dropout_apply's numbers, drawn again): dP * m in the same pass.
 template<typename T>
-__global__ void softmax_bwd(const T* __restrict__ P, const T* __restrict__ dP, int L, T scale, T* __restrict__ dS) {
+__global__ void softmax_bwd(const T* __restrict__ P, const T* __restrict__ dP, int L, T scale,
+                            float p_drop, unsigned long long key, unsigned long long offset,
+                            const unsigned long long* __restrict__ base, T keep_scale, T* __restrict__ dS) {
     __shared__ T smem[33];
     const long long row = blockIdx.x;
     const T* p = P + row * L;
     const T* dp = dP + row * L;
+    if (p_drop > 0.0f && base != nullptr) offset += *base;
     T dot = 0;
-    for (int k = threadIdx.x; k < L; k += blockDim.x) dot += dp[k] * p[k];
+    for (int k = threadIdx.x; k < L; k += blockDim.x) {
+        const T d = p_drop > 0.0f ? (uniform01(key, offset + row * L + k) >= p_drop ? dp[k] * keep_scale : T(0)) : dp[k];
+        dot += d * p[k];
+    }
     dot = block_reduce<T, false>(dot, smem);
-    for (int k = threadIdx.x; k < L; k += blockDim.x) dS[row * L + k] = p[k] * (dp[k] - dot) * scale;
+    for (int k = threadIdx.x; k < L; k += blockDim.x) {
+        const T d = p_drop > 0.0f ? (uniform01(key, offset + row * L + k) >= p_drop ? dp[k] * keep_scale : T(0)) : dp[k];
+        dS[row * L + k] = p[k] * (d - dot) * scale;
+    }
 }
 
 // log_softmax over rows of length L: y = (x - max) - log(sum(exp(x - max))), the array formula.
