@@ -247,11 +247,20 @@ def cupy():
     return _cupy
 
 
+_FLOATS = frozenset({np.dtype(np.float32), np.dtype(np.float64)})
+
+
 def fused(*arrays):
     """Whether an op on these arrays runs its fused CUDA kernel: they are CuPy float32/float64
     arrays and fused kernels are on (``MINITRANSFORMER_FUSED=0`` or ``set_fused(False)`` turns
-    them off, to compare with the array version or to debug)."""
-    return _fused and all(device_of(a) == "cuda" and a.dtype in (np.float32, np.float64) for a in arrays)
+    them off, to compare with the array version or to debug). ``fused()``: whether they are on.
+    (Called by every op: a plain loop, no generator.)"""
+    if not _fused:
+        return False
+    for a in arrays:
+        if _cupy is None or type(a) is not _cupy.ndarray or a.dtype not in _FLOATS:
+            return False
+    return True
 
 
 def set_fused(enabled):

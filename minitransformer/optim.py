@@ -83,6 +83,20 @@ class Adam(Optimizer):
         self.betas, self.eps = betas, eps
         self.m = [p.xp.zeros_like(p.data) for p in self.params]
         self.v = [p.xp.zeros_like(p.data) for p in self.params]
+        self._plan = None, None
+
+    def _kernel_plan(self):
+        """Per parameter: may the one-launch kernel update it (its array, m and v contiguous float
+        arrays on the GPU, fused kernels on)? Worked out again only when one of those arrays is
+        replaced (``Module.to``, ``load_state_dict``) or the fused switch flips — checking hundreds
+        of arrays every step is host time, and a small model's GPU step is bound by host time."""
+        arrays = (backend.fused(), *(p.data for p in self.params), *self.m, *self.v)
+        held, plan = self._plan
+        if held is None or len(held) != len(arrays) or any(a is not b for a, b in zip(arrays, held)):
+            plan = [backend.fused(p.data, m, v) and all(a.flags.c_contiguous for a in (p.data, m, v))
+                    for p, m, v in zip(self.params, self.m, self.v)]
+            self._plan = arrays, plan
+        return plan
 
     def _buffers(self):
         return {"m": self.m, "v": self.v}
@@ -99,13 +113,14 @@ class Adam(Optimizer):
         beta1, beta2 = self.betas
         step_size, sqrt_correction2 = self.corrections()
         fused = {}   # dtype -> quadruples for the one-launch kernel (GPU)
-        for p, m, v in zip(self.params, self.m, self.v):
-            if p.grad is None:
+        for p, m, v, planned in zip(self.params, self.m, self.v, self._kernel_plan()):
+            g = p.grad
+            if g is None:
                 continue
-            if backend.fused(p.data, p.grad) and all(a.flags.c_contiguous for a in (p.data, p.grad, m, v)):
-                fused.setdefault(p.dtype, []).append((p.data, p.grad, m, v))
+            if planned and type(g) is type(p.data) and g.dtype == p.dtype and g.flags.c_contiguous:
+                fused.setdefault(p.dtype, []).append((p.data, g, m, v))
                 continue
-            g, xp = p.grad, p.xp
+            xp = p.xp
             m *= beta1
             m += (1 - beta1) * g
             v *= beta2

@@ -330,6 +330,49 @@ def test_adam_kernel_updates_every_parameter_as_the_array_version(emulated, dtyp
         np.testing.assert_allclose(vs[i], opt.v[i], **TOL[dtype])
 
 
+def test_adam_keeps_its_plan_of_which_parameters_the_kernel_updates_until_an_array_changes(
+        emulated, monkeypatch, rng):
+    """Adam works out once which parameters the one-launch kernel may update and checks only the
+    gradients each step; a parameter array replaced by a Fortran-ordered one (which the kernel
+    would misread) sends that parameter back to the array version. Against a plain array Adam."""
+    from minitransformer.nn.module import Parameter
+    from minitransformer.optim import Adam
+    calls = []
+
+    def counting_fused(*arrays):
+        calls.append(len(arrays))
+        return all(a.dtype in (np.float32, np.float64) for a in arrays)
+    shapes = [(5, 3), (4,), (6, 2)]
+    start = [rng.standard_normal(s) for s in shapes]
+    mine, ref = [Parameter(a.copy()) for a in start], [Parameter(a.copy()) for a in start]
+    opt, ref_opt = Adam(mine, lr=0.01), Adam(ref, lr=0.01)
+    launched, adam_step = [], kernels.adam_step      # parameters per kernel launch
+    emulated._chunk_table.cache_clear()
+    try:
+        for step in range(4):
+            grads = [rng.standard_normal(s) for s in shapes]
+            grads[0] = np.asfortranarray(grads[0]) if step == 1 else grads[0]   # this step: array version
+            for p, q, g in zip(mine, ref, grads):
+                p.grad, q.grad = g, np.ascontiguousarray(g).copy()
+            if step == 2:
+                mine[2].grad = ref[2].grad = None                                 # skipped
+            if step == 3:
+                mine[2].data = np.asfortranarray(mine[2].data)                   # replaced
+            calls.clear()
+            with monkeypatch.context() as m:
+                m.setattr(backend, "fused", counting_fused)
+                m.setattr(kernels, "adam_step", lambda params, *rest: (launched.append(len(params)),
+                                                                       adam_step(params, *rest)))
+                opt.step()
+            ref_opt.step()
+            assert len(calls) == (1 + len(shapes) if step in (0, 3) else 1), (step, calls)
+            assert launched[-1] == (3 if step == 0 else 2), (step, launched)
+            for p, q in zip(mine, ref):
+                np.testing.assert_allclose(p.data, q.data, rtol=1e-12, atol=1e-15)
+    finally:
+        emulated._chunk_table.cache_clear()
+
+
 def test_one_product_for_q_k_v_makes_fewer_launches(emulator):
     """benchmarks/launch_count.py counts a training step's GPU launches on the CPU (emulated kernels,
     every array op counted as CuPy would launch it); Q, K, V by one product must make fewer."""
