@@ -22,6 +22,7 @@ def summarize(r):
     peaks = "/".join(f"{r[k]['peak_mib']:.0f}" for k in sides if r[k].get("peak_mib"))
     return (f"{r['config']:5s} {'tf32' if r['tf32'] else 'fp32'}: "
             f"{ms}  ratio {r['ratio_tokens_per_s']:.3f}"
+            + (f" (rounds {min(r['ratio_rounds']):.3f}–{max(r['ratio_rounds']):.3f})" if r.get("ratio_rounds") else "")
             + (f"  graph ratio {r['ratio_graph_tokens_per_s']:.3f}" if "ratio_graph_tokens_per_s" in r else "")
             + (f"  one/three products {r['ratio_one_vs_three_products']:.3f}" if "ratio_one_vs_three_products" in r else "")
             + (f"  peak MiB {peaks}" if peaks else "")

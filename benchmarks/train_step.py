@@ -155,17 +155,21 @@ def setup_torch(c, device, args):
 
 def measure(sides, args):
     """Warm both up, then alternate ``--rounds`` blocks of ``--steps`` synchronised steps of each side
-    (clock or load drift hits both alike); the median step time of each, and its peak memory."""
+    (clock or load drift hits both alike); the median step time of each, its peak memory, and the
+    median of each round (``per_round``: a ratio is settled only if the rounds' ratios agree)."""
     for step, sync, _ in sides.values():
         for _ in range(args.warmup):
             step()
         sync()
     times = {name: [] for name in sides}
+    rounds = {name: [] for name in sides}
     for _ in range(args.rounds):
         for name, (step, sync, _) in sides.items():
+            before = len(times[name])
             for _ in range(args.steps):
                 timed(step, sync, times[name])
-    return {name: (statistics.median(times[name]), sides[name][2]()) for name in sides}
+            rounds[name].append(statistics.median(times[name][before:]))
+    return {name: (statistics.median(times[name]), sides[name][2](), rounds[name]) for name in sides}
 
 
 def main():
@@ -214,10 +218,14 @@ def main():
     if args.cuda_graph:
         sides["ours_graph"] = setup_ours(c, args.device, args, graph=True)
     sides["torch"] = setup_torch(c, args.device, args)
-    for name, (seconds, peak) in measure(sides, args).items():
+    for name, (seconds, peak, rounds) in measure(sides, args).items():
         result[name] = {"ms_per_step": seconds * 1e3, "tokens_per_s": tokens / seconds,
-                        "tflops": flops / seconds / 1e12, "peak_mib": peak}
+                        "tflops": flops / seconds / 1e12, "peak_mib": peak,
+                        "round_ms_per_step": [t * 1e3 for t in rounds]}
     result["ratio_tokens_per_s"] = result["ours"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
+    # each round's ratio (torch's time in that round over ours): how far the ratio moved within the run
+    result["ratio_rounds"] = [t / o for o, t in zip(result["ours"]["round_ms_per_step"],
+                                                     result["torch"]["round_ms_per_step"])]
     if args.cuda_graph:
         result["ratio_graph_tokens_per_s"] = result["ours_graph"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
     if args.three_products:
@@ -235,6 +243,7 @@ def main():
         print(f"  {name:10s} {r['ms_per_step']:9.2f} ms/step  {r['tokens_per_s']:10.0f} tok/s  "
               f"{r['tflops']:7.3f} TFLOP/s  peak {peak}")
     print(f"  ratio ours/torch (tokens/s): {result['ratio_tokens_per_s']:.2f}"
+          f" (rounds {min(result['ratio_rounds']):.2f}–{max(result['ratio_rounds']):.2f})"
           + (f"   with the CUDA graph: {result['ratio_graph_tokens_per_s']:.2f}" if args.cuda_graph else "")
           + (f"   peak memory ours/torch: {result['ratio_peak_memory']:.2f}" if "ratio_peak_memory" in result else "")
           + (f"   one/three products: {result['ratio_one_vs_three_products']:.2f}" if args.three_products else ""))
