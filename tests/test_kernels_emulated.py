@@ -301,6 +301,49 @@ def test_a_whole_transformer_takes_the_fused_path_to_the_same_logits_and_gradien
         np.testing.assert_allclose(out[1][2][name], g, err_msg=name, **tol)
 
 
+def test_a_whole_transformer_with_dropout_draws_the_same_masks_with_attention_dropout_in_the_softmax(
+        emulated, monkeypatch, rng):
+    """Dropout 0.3 everywhere, two training steps through the GPU code path: with the attention
+    weights' dropout inside the softmax kernels (as now) and as its own dropout_apply launches (as
+    before) the counter-based masks are the same, so the losses and every gradient agree."""
+    from minitransformer.optim import Adam
+    src = rng.integers(4, 40, size=(3, 9))
+    tgt = rng.integers(4, 40, size=(3, 7))
+    src[0, 6:] = 0
+
+    def separate_softmax_dropout(scores, mask, scale, p, seed, offset):
+        P = emulated.masked_softmax(scores, mask, scale)
+        return P, emulated.dropout_apply(P, p, seed, offset)
+    softmax_backward = emulated.softmax_backward
+
+    def separate_softmax_backward(P, dP, scale=1.0, p=0.0, seed=0, offset=0):
+        return softmax_backward(P, emulated.dropout_apply(dP, p, seed, offset) if p > 0 else dP, scale)
+    runs = []
+    for separate in (False, True):
+        with monkeypatch.context() as m:
+            gpu_code_path(m)
+            if separate:
+                m.setattr(kernels, "masked_softmax_dropout", separate_softmax_dropout)
+                m.setattr(kernels, "softmax_backward", separate_softmax_backward)
+            model = shifted_model(dropout=0.3)
+            model.train()
+            opt = Adam(model.parameters(), lr=1e-3)
+            mt.manual_seed(9)
+            losses = []
+            for _ in range(2):
+                opt.zero_grad()
+                logits = model(src, tgt)
+                loss = F.cross_entropy(logits.reshape(-1, 40), tgt.reshape(-1), ignore_index=0)
+                loss.backward()
+                grads = {n: p.grad.copy() for n, p in model.named_parameters()}
+                opt.step()
+                losses.append(loss.item())
+            runs.append((losses, grads))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-6)
+    for name, g in runs[1][1].items():
+        np.testing.assert_allclose(runs[0][1][name], g, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_adam_kernel_updates_every_parameter_as_the_array_version(emulated, dtype, rng):
     """One launch over tensors of several sizes (one over a 65,536-element chunk) after a few
