@@ -146,7 +146,7 @@ stamp "done"
 echo "== benchmarks (full JSON in $OUT/bench.jsonl)"; tail -5 "$OUT/bench.err" 2>/dev/null
 [ -f "$OUT/bench.jsonl" ] && $PY benchmarks/summarize.py "$OUT/bench.jsonl"
 [ -f "$OUT/baseline.jsonl" ] && { echo "== baseline $BASELINE"; $PY benchmarks/summarize.py "$OUT/baseline.jsonl"; }
-[ -f "$OUT/host.txt" ] && { echo "== host costs (whole: $OUT/host.txt)"; head -20 "$OUT/host.txt"; }
+[ -f "$OUT/host.txt" ] && { echo "== host costs (whole: $OUT/host.txt)"; head -48 "$OUT/host.txt"; }
 echo "== tests"; tail -25 "$OUT/pytest.txt" 2>/dev/null
 [ "${TRAIN:-1}" = 1 ] || exit 0
 for seed in ${SEEDS:-0}; do

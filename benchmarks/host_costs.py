@@ -70,13 +70,78 @@ def main():
     results = {}
     for name, fn in cases.items():
         results[name] = host_us(fn, sync if not name.startswith("torch") else torch.cuda.synchronize)
+    products = gemm_variants(cp, sync)
     if args.json:
         print(json.dumps({"bench": "host_costs", "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-                          "us_per_call": results}))
+                          "us_per_call": results, "products": products}))
         return
     print("host µs per call (median of 5 rounds of 2,000 calls)")
     for name, us in results.items():
         print(f"  {name:46s} {us:7.2f}")
+    print("2-D float32 products of the small step, ways to call cuBLAS: host µs per call (issuing 200),"
+          " wall µs per call (200 then a sync: the larger of host and GPU), max |difference from @|")
+    for shape, rows in products.items():
+        print(f"  {shape}")
+        for name, r in rows.items():
+            print(f"    {name:44s} " + (f"host {r['host_us']:7.2f}  wall {r['wall_us']:7.2f}  diff {r['max_diff']:.1e}"
+                                        if "error" not in r else f"FAILED: {r['error']}"))
+
+
+def gemm_variants(cp, sync):
+    """The eager step's 2-D products go through CuPy's ``@`` (~50 µs of host time a call in a cProfile
+    of the small step on the H200); a direct ``sgemm`` cost 23 µs there, yet the step got slower
+    with it (2026-11-26; not understood). Here each way of calling cuBLAS on the small step's shapes,
+    timed for host time alone and with the GPU's work: a way that is cheap on the host but slow in
+    wall time waits for the GPU (a synchronisation per call) or picks slower kernels."""
+    from cupy_backends.cuda.libs import cublas
+    from minitransformer.kernels.capture import Blas
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    blas = Blas(cp.cuda.get_current_stream())
+    out = {}
+    for m, k, n in [(2048, 256, 768), (2048, 256, 1024), (2048, 1024, 256), (1, 2048, 256)]:
+        a = cp.random.standard_normal((m, k), dtype=cp.float32)
+        b = cp.random.standard_normal((k, n), dtype=cp.float32)
+        expected = a @ b
+        handle = cp.cuda.device.get_cublas_handle()
+        cublas.setPointerMode(handle, 0)
+        stream = cp.cuda.get_current_stream().ptr
+
+        def sgemm(h):      # row-major C = A B as column-major Cᵀ = Bᵀ Aᵀ
+            c = cp.empty((m, n), cp.float32)
+            cublas.sgemm(h, 0, 0, n, m, k, one.ctypes.data, b.data.ptr, n, a.data.ptr, k, zero.ctypes.data,
+                         c.data.ptr, n)
+            return c
+
+        def with_set_stream():
+            h = cp.cuda.device.get_cublas_handle()
+            cublas.setStream(h, stream)
+            cublas.setPointerMode(h, 0)
+            return sgemm(h)
+
+        def ours():
+            c = cp.empty((m, n), cp.float32)
+            blas.gemm(np.dtype(np.float32), 0, 0, n, m, k, b.data.ptr, n, a.data.ptr, k, c.data.ptr, n, 0, 68)
+            return c
+        variants = {"cupy @": lambda: a @ b,
+                    "sgemm on CuPy's handle, fetched once": lambda: sgemm(handle),
+                    "sgemm, handle fetched per call": lambda: sgemm(cp.cuda.device.get_cublas_handle()),
+                    "sgemm, setStream + setPointerMode per call": with_set_stream,
+                    "sgemm on our own handle (ctypes, workspace)": ours}
+        rows = {}
+        for name, fn in variants.items():
+            try:
+                diff = float(cp.abs(fn() - expected).max())
+                host = host_us(fn, sync, calls=200)
+                sync()
+                t = time.perf_counter()
+                for _ in range(200):
+                    fn()
+                sync()
+                rows[name] = {"host_us": host, "wall_us": (time.perf_counter() - t) / 200 * 1e6, "max_diff": diff}
+            except Exception as e:   # noqa: BLE001  (a probe: report and go on)
+                rows[name] = {"error": f"{type(e).__name__}: {e}"[:200]}
+        out[f"({m}, {k}) @ ({k}, {n})"] = rows
+    return out
 
 
 if __name__ == "__main__":
