@@ -67,9 +67,10 @@ if [ "${BENCH:-1}" = 1 ] && [ "${DECODE:-1}" = 1 ]; then
   done
 fi
 BENCHES=()
-# --three-products: our eager step also with Q, K, V by three products (what one product saves)
-[ "${BENCH:-1}" = 1 ] && BENCHES=("--config small --cuda-graph --three-products" "--config base --tf32 --cuda-graph"
-                                  "--config base --cuda-graph --three-products" "--config small --tf32 --cuda-graph")
+# --three-products: our eager step also with Q, K, V by three products (what one product saves);
+# --own-handle: also with its 2-D products on our own cuBLAS handle instead of CuPy's @ (an A/B)
+[ "${BENCH:-1}" = 1 ] && BENCHES=("--config small --cuda-graph --three-products --own-handle" "--config base --tf32 --cuda-graph"
+                                  "--config base --cuda-graph --three-products --own-handle" "--config small --tf32 --cuda-graph")
 [ "${BENCH:-1}" = 1 ] && [ "${EXTRA:-0}" = 1 ] && BENCHES+=("--config small --unfused" "--config base --unfused")
 for args in "${BENCHES[@]}"; do
   bench train_step "$args --rounds 5"

@@ -17,7 +17,7 @@ def summarize(r):
                 + f" (same hypotheses: {r['same_output']})")
     if "config" not in r or "ours" not in r:
         return json.dumps(r)[:300]
-    sides = [k for k in ("ours", "ours_3prod", "ours_graph", "torch") if k in r]
+    sides = [k for k in ("ours", "ours_3prod", "ours_handle", "ours_graph", "torch") if k in r]
     ms = "  ".join(f"{k} {r[k]['ms_per_step']:.2f} ms" for k in sides)
     peaks = "/".join(f"{r[k]['peak_mib']:.0f}" for k in sides if r[k].get("peak_mib"))
     return (f"{r['config']:5s} {'tf32' if r['tf32'] else 'fp32'}: "
@@ -25,6 +25,7 @@ def summarize(r):
             + (f" (rounds {min(r['ratio_rounds']):.3f}–{max(r['ratio_rounds']):.3f})" if r.get("ratio_rounds") else "")
             + (f"  graph ratio {r['ratio_graph_tokens_per_s']:.3f}" if "ratio_graph_tokens_per_s" in r else "")
             + (f"  one/three products {r['ratio_one_vs_three_products']:.3f}" if "ratio_one_vs_three_products" in r else "")
+            + (f"  own handle/@ {r['ratio_own_handle_vs_cupy']:.3f}" if "ratio_own_handle_vs_cupy" in r else "")
             + (f"  peak MiB {peaks}" if peaks else "")
             + (f" (ours/torch {r['ratio_peak_memory']:.3f})" if "ratio_peak_memory" in r else ""))
 

@@ -106,6 +106,22 @@ def setup_ours(c, device, args, graph=False, one_product=True):
     return step, sync, lambda: peak_allocated(xp, step, sync)
 
 
+def own_handle_side(side):
+    """The same (step, sync, peak) with ``kernels.OWN_HANDLE`` on while this side runs."""
+    from minitransformer import kernels
+    step, sync, peak = side
+
+    def switched(fn):
+        def run():
+            previous, kernels.OWN_HANDLE = kernels.OWN_HANDLE, True
+            try:
+                return fn()
+            finally:
+                kernels.OWN_HANDLE = previous
+        return run
+    return switched(step), sync, switched(peak)
+
+
 def peak_allocated(cp, step, sync):
     """Peak bytes *in use* during one step (what torch.cuda.max_memory_allocated counts): CuPy's pool
     reports only the current figure, so every allocation goes through a wrapper that records it.
@@ -184,6 +200,9 @@ def main():
     parser.add_argument("--three-products", action="store_true",
                         help="also time our eager step with Q, K, V by three products instead of one "
                              "(a side 'ours_3prod'; the ratio one/three is printed)")
+    parser.add_argument("--own-handle", action="store_true",
+                        help="also time our eager step with its 2-D products and bias GEMVs on our own cuBLAS "
+                             "handle instead of CuPy's @ (kernels.OWN_HANDLE; a side 'ours_handle')")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round and side")
@@ -215,6 +234,8 @@ def main():
     sides = {"ours": setup_ours(c, args.device, args)}
     if args.three_products:
         sides["ours_3prod"] = setup_ours(c, args.device, args, one_product=False)
+    if args.own_handle:
+        sides["ours_handle"] = own_handle_side(setup_ours(c, args.device, args))
     if args.cuda_graph:
         sides["ours_graph"] = setup_ours(c, args.device, args, graph=True)
     sides["torch"] = setup_torch(c, args.device, args)
@@ -230,6 +251,8 @@ def main():
         result["ratio_graph_tokens_per_s"] = result["ours_graph"]["tokens_per_s"] / result["torch"]["tokens_per_s"]
     if args.three_products:
         result["ratio_one_vs_three_products"] = result["ours"]["tokens_per_s"] / result["ours_3prod"]["tokens_per_s"]
+    if args.own_handle:
+        result["ratio_own_handle_vs_cupy"] = result["ours_handle"]["tokens_per_s"] / result["ours"]["tokens_per_s"]
     if args.device == "cuda":
         result["ratio_peak_memory"] = result["ours"]["peak_mib"] / result["torch"]["peak_mib"]
     if args.json:
@@ -246,7 +269,8 @@ def main():
           f" (rounds {min(result['ratio_rounds']):.2f}–{max(result['ratio_rounds']):.2f})"
           + (f"   with the CUDA graph: {result['ratio_graph_tokens_per_s']:.2f}" if args.cuda_graph else "")
           + (f"   peak memory ours/torch: {result['ratio_peak_memory']:.2f}" if "ratio_peak_memory" in result else "")
-          + (f"   one/three products: {result['ratio_one_vs_three_products']:.2f}" if args.three_products else ""))
+          + (f"   one/three products: {result['ratio_one_vs_three_products']:.2f}" if args.three_products else "")
+          + (f"   own handle/CuPy's @: {result['ratio_own_handle_vs_cupy']:.2f}" if args.own_handle else ""))
 
 
 if __name__ == "__main__":

@@ -350,6 +350,26 @@ def test_batched_matmul_writes_into_a_part_of_a_bigger_array(rng, a_t):
         kernels.batched_matmul(a, b, out=whole[0].reshape(2, 3, 6, 4))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_own_handle_products_and_bias_sums_match_cupys(rng, dtype, monkeypatch):
+    """kernels.OWN_HANDLE (2-D products and GEMVs on our own cuBLAS handle, an A/B switch): the same
+    products, transposed operands included, the same column sums, and a linear layer's gradients."""
+    cp = backend.cupy()
+    x = rng.standard_normal((300, 70))
+    w = rng.standard_normal((50, 70))
+    g = rng.standard_normal((300, 50))
+    monkeypatch.setattr(kernels, "OWN_HANDLE", True)
+    a, W, G = (cp.asarray(v, dtype=dtype) for v in (x, w, g))
+    np.testing.assert_allclose(cp.asnumpy(kernels.matmul(a, W.T)), x @ w.T, **TOL[dtype])
+    np.testing.assert_allclose(cp.asnumpy(kernels.matmul(G.T, a)), g.T @ x, **TOL[dtype])
+    np.testing.assert_allclose(cp.asnumpy(kernels.column_sum(G)), g.sum(axis=0), **TOL[dtype])
+    b, results = rng.standard_normal(50), []
+    for own in (False, True):
+        monkeypatch.setattr(kernels, "OWN_HANDLE", own)
+        results.append(run_both(lambda x, w, b: F.linear(x, w, b), [x, w, b], dtype)[1])   # the fused run
+    assert_same(results, dtype)
+
+
 def test_batched_matmul_falls_back_for_broadcast_batches(rng):
     cp = backend.cupy()
     a, b = cp.asarray(rng.standard_normal((2, 3, 4, 5))), cp.asarray(rng.standard_normal((1, 3, 5, 2)))

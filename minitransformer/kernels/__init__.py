@@ -12,6 +12,7 @@ Every function takes and returns CuPy arrays; ``minitransformer.kernels._source`
 """
 import functools
 import math
+import os
 
 import numpy as np
 
@@ -310,6 +311,28 @@ def _operand(a):
     return _contiguous(a), False
 
 
+# Eager 2-D products and bias GEMVs: CuPy's ``@`` (the default), or, with ``OWN_HANDLE = True``
+# (``MINITRANSFORMER_OWN_HANDLE=1``), the cuBLAS handle of our own that a captured step uses
+# (``capture.Blas``: a fixed workspace, bound to the stream once). A switch for an A/B on the GPU
+# (``benchmarks/train_step.py --own-handle``): on the host-bound small step ``@`` cost ~50 µs of host
+# time a call (cProfile, H200), but an earlier direct sgemm on CuPy's handle (setStream and
+# setPointerMode every call) made the step slower, for a reason not yet known.
+OWN_HANDLE = os.environ.get("MINITRANSFORMER_OWN_HANDLE", "0") == "1"
+_own_blas = {}
+
+
+def _eager_blas():
+    """Our own cuBLAS handle on the current stream (None unless ``OWN_HANDLE``)."""
+    if not OWN_HANDLE:
+        return None
+    from .capture import Blas
+    stream = backend.cupy().cuda.get_current_stream()
+    blas = _own_blas.get(stream.ptr)
+    if blas is None:
+        blas = _own_blas[stream.ptr] = Blas(stream)
+    return blas
+
+
 def batched_matmul(a, b, out=None):
     """``a @ b`` for ``(…, m, k) @ (…, k, n)`` with the same batch axes (or none), either operand
     possibly a transposed view (``x.swapaxes(-1, -2)``): one cuBLAS strided-batched GEMM, no copy.
@@ -318,9 +341,10 @@ def batched_matmul(a, b, out=None):
     C-contiguous array of the product's shape and dtype to write it into (a part of a bigger one)."""
     cp = backend.cupy()
     capture = backend.capturing()
+    blas = capture.blas if capture is not None else _eager_blas() if a.ndim == 2 else None
     if (a.ndim < 2 or a.ndim != b.ndim or a.shape[:-2] != b.shape[:-2] or a.dtype != b.dtype
             or a.dtype not in _GEMM or a.shape[-1] != b.shape[-2] or 0 in a.shape or 0 in b.shape
-            or (a.ndim == 2 and capture is None)
+            or (a.ndim == 2 and blas is None)
             or (out is not None and (out.dtype != a.dtype or not out.flags.c_contiguous))):
         return a @ b if out is None else cp.matmul(a, b, out=out)
     *lead, m, k = a.shape
@@ -338,9 +362,9 @@ def batched_matmul(a, b, out=None):
     dtype_id, compute, compute_tf32 = _GEMM[a.dtype]
     compute = compute_tf32 if backend.tf32_enabled() else compute
     args = (1 if b_t else 0, 1 if a_t else 0, n, m, k)
-    if capture is not None and a.ndim == 2:
-        capture.blas.gemm(a.dtype, *args, B.data.ptr, k if b_t else n, A.data.ptr, m if a_t else k,
-                          C.data.ptr, n, dtype_id, compute)
+    if a.ndim == 2:
+        blas.gemm(a.dtype, *args, B.data.ptr, k if b_t else n, A.data.ptr, m if a_t else k,
+                  C.data.ptr, n, dtype_id, compute)
         return C
     if capture is not None:
         capture.blas.gemm_strided_batched(a.dtype, *args, B.data.ptr, k if b_t else n, k * n,
@@ -360,9 +384,9 @@ def batched_matmul(a, b, out=None):
 
 
 def matmul(a, b):
-    """``a @ b``, except while a CUDA graph is being captured, when CuPy may not call cuBLAS: then
-    the same product through ``batched_matmul``'s own handle."""
-    if backend.capturing() is None:
+    """``a @ b``, except while a CUDA graph is being captured, when CuPy may not call cuBLAS (or
+    with ``OWN_HANDLE``): then the same product through ``batched_matmul``'s own handle."""
+    if backend.capturing() is None and not (OWN_HANDLE and backend.fused(a, b)):
         return a @ b
     return batched_matmul(a, b)
 
@@ -400,13 +424,14 @@ def column_sum(g):
     0.024 vs 0.191 ms for 2048, 0.31 vs 0.63 ms for 37000; benchmarks/profile_step.py --matmul)."""
     ones = _ones(g.shape[0], g.dtype.str)
     capture = backend.capturing()
-    if capture is None or g.dtype not in _GEMM:
+    blas = capture.blas if capture is not None else _eager_blas()
+    if blas is None or g.dtype not in _GEMM:
         return ones @ g
     g = _contiguous(g)
     n, d = g.shape
     out = backend.cupy().empty(d, dtype=g.dtype)
     if n and d:     # row-major g (n, d) is column-major (d, n): out = g_colmajor @ ones
-        capture.blas.gemv(g.dtype, d, n, g.data.ptr, d, ones.data.ptr, out.data.ptr)
+        blas.gemv(g.dtype, d, n, g.data.ptr, d, ones.data.ptr, out.data.ptr)
     else:
         out.fill(0)
     return out
