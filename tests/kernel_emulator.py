@@ -53,6 +53,11 @@ template<typename T, bool IS_MAX> T block_reduce(T v, T*) { return v; }
 
 C_TYPES = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "unsigned long long": ctypes.c_ulonglong,
            "float": ctypes.c_float, "double": ctypes.c_double}
+# CuPy passes a NumPy scalar to a RawKernel as the bytes of its own dtype, whatever the parameter's
+# C type: an np.int32 where the kernel takes a long long reads garbage on a GPU. So each scalar
+# must come as exactly the NumPy type of its C type (a pointer given as an address: np.uint64).
+NUMPY_TYPES = {"int": np.int32, "long long": np.int64, "unsigned long long": np.uint64,
+               "float": np.float32, "double": np.float64}
 
 
 def _kernel_source(name):
@@ -145,6 +150,12 @@ extern "C" void run_{name}_{t}(unsigned grid_x_, unsigned grid_y_, unsigned bloc
             grid = tuple(grid) + (1, 1)
             c_args = [ctypes.c_uint(int(grid[0])), ctypes.c_uint(int(grid[1])), ctypes.c_uint(int(block[0]))]
             for (ctype, pname), a in zip(params, args):
+                if not isinstance(a, np.ndarray):
+                    expected = (np.dtype(dtype).type if ctype == "T" else np.uint64 if ctype.endswith("*")
+                                else NUMPY_TYPES[ctype])
+                    if type(a) is not expected:
+                        raise TypeError(f"{name}: {pname} ({ctype}) is passed as {type(a).__name__}; CuPy "
+                                        f"would pass its bytes as they are: give it as {expected.__name__}")
                 if ctype.endswith("*"):
                     if isinstance(a, np.ndarray):
                         # T arrays are indexed as dense rows; others (a broadcast mask) come with strides

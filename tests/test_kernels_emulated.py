@@ -65,6 +65,18 @@ def test_layer_norm_kernels_match_the_array_version(emulated, dtype, d, rng):
         np.testing.assert_allclose(ours, ref, **TOL[dtype])
 
 
+def test_the_emulator_refuses_a_scalar_of_another_type_than_its_parameter(emulator):
+    """CuPy hands a NumPy scalar to a kernel as the bytes of its own dtype: an np.int32 for a
+    ``long long`` would be garbage on a GPU, so the emulator refuses it (and a Python int)."""
+    x, y = np.ones(8, np.float32), np.empty(8, np.float32)
+    relu = emulator.kernel("relu_fwd", np.float32)
+    relu((1,), (32,), (x, y, np.int64(8)))
+    np.testing.assert_array_equal(y, x)
+    for wrong in (np.int32(8), 8):
+        with pytest.raises(TypeError, match="relu_fwd: n \\(long long\\) is passed as"):
+            relu((1,), (32,), (x, y, wrong))
+
+
 def test_dropout_kernel_draws_a_reproducible_mask(emulated):
     ones = np.ones(20000, np.float32)
     a = emulated.dropout_apply(ones, 0.3, seed=7, offset=100)
