@@ -58,6 +58,7 @@ C_TYPES = {"int": ctypes.c_int, "long long": ctypes.c_longlong, "unsigned long l
 # must come as exactly the NumPy type of its C type (a pointer given as an address: np.uint64).
 NUMPY_TYPES = {"int": np.int32, "long long": np.int64, "unsigned long long": np.uint64,
                "float": np.float32, "double": np.float64}
+POINTEE_TYPES = {**NUMPY_TYPES, "unsigned char": np.uint8, "unsigned int": np.uint32}   # an array's elements
 
 
 def _kernel_source(name):
@@ -161,8 +162,9 @@ extern "C" void run_{name}_{t}(unsigned grid_x_, unsigned grid_y_, unsigned bloc
                         # T arrays are indexed as dense rows; others (a broadcast mask) come with strides
                         if ctype == "T*" and not a.flags.c_contiguous:
                             raise ValueError(f"{name}: {pname} is not C-contiguous")
-                        if ctype == "T*" and a.dtype != np.dtype(dtype):
-                            raise TypeError(f"{name}: {pname} is {a.dtype}, the kernel's T is {t}")
+                        element = np.dtype(dtype) if ctype == "T*" else np.dtype(POINTEE_TYPES[ctype[:-1]])
+                        if a.dtype != element:
+                            raise TypeError(f"{name}: {pname} ({ctype}) is an array of {a.dtype}, not {element}")
                         c_args.append(ctypes.c_void_p(a.ctypes.data))
                     else:                        # a raw address (0: null)
                         c_args.append(ctypes.c_void_p(int(a) or None))
