@@ -258,7 +258,7 @@ def fused(*arrays):
     if not _fused:
         return False
     for a in arrays:
-        if _cupy is None or type(a) is not _cupy.ndarray or a.dtype not in _FLOATS:
+        if _cupy is None or not isinstance(a, _cupy.ndarray) or a.dtype not in _FLOATS:
             return False
     return True
 
