@@ -324,6 +324,13 @@ def _make(rng):   # cross-attention: k and v out of one array, q on its own
             (lambda q, s, m: TF.scaled_dot_product_attention(q, s[0], s[1], attn_mask=m)))
 
 
+@case("scaled_dot_product_attention", "packed-q-and-k-v")
+def _make(rng):   # cross-attention as MultiHeadAttention lays it out: q out of a (1, …), k and v out of a (2, …)
+    arrays = [normal(rng, 1, 2, 2, 3, 4), normal(rng, 2, 2, 2, 5, 4), key_padding(rng, 2, 5, 2)]
+    return (arrays, (lambda sq, s, m: F.scaled_dot_product_attention(sq[0], s[0], s[1], mask=m)[0]),
+            (lambda sq, s, m: TF.scaled_dot_product_attention(sq[0], s[0], s[1], attn_mask=m)))
+
+
 # ---- the harness --------------------------------------------------------------------------
 
 def build(make, rng, dtype, device):
@@ -474,7 +481,8 @@ def test_attention_writes_the_gradients_of_q_k_v_read_out_of_one_tensor_into_one
 
 
 def test_attention_keeps_separate_gradients_for_inputs_that_retain_them(device, randn):
-    """Only inputs that use up s, each once, and whose own gradient nobody keeps, are packed."""
+    """Only inputs that use up their array, each once, and whose own gradient nobody keeps, are
+    packed; q from one array and k, v from another are two packed parents."""
     s = randn(3, 2, 4, 3)
     q, k, v = s[0].retain_grad(), s[1], s[2]
     out, _ = F.scaled_dot_product_attention(q, k, v)
@@ -485,6 +493,9 @@ def test_attention_keeps_separate_gradients_for_inputs_that_retain_them(device, 
     assert F.scaled_dot_product_attention(s[0], s[1], s[1])[0].parents[0] is not s   # s[2] unused, s[1] twice
     t = randn(4, 2, 4, 3)
     assert all(p is not t for p in F.scaled_dot_product_attention(t[0], t[1], t[2])[0].parents)   # t[3] unused
+    one, two = randn(1, 2, 4, 3), randn(2, 2, 4, 3)
+    parents = F.scaled_dot_product_attention(one[0], two[0], two[1])[0].parents
+    assert len(parents) == 2 and parents[0] is one and parents[1] is two      # two arrays, each used up
 
 
 def test_attention_eval_ignores_dropout(device, randn):

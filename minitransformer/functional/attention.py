@@ -87,47 +87,41 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
 
 class _Gradients:
     """Where the backward puts dQ, dK, dV. Usually three arrays, one per input. But inputs read as
-    ``S[0], S[1], …`` out of one tensor S that they use up — MultiHeadAttention's one product keeps
-    the heads of Q, K and V in one array ``(3, B, h, L, d_k)`` — get their gradients written by the
-    products straight into the parts of one array of S's shape, and S becomes the op's parent in
-    their place: without it the graph walk zero-fills S's gradient and adds three parts into it
-    (four more GPU launches per attention). Not for an input whose gradient is to be kept
-    (``retain_grad``): it would get none."""
+    ``S[0], S[1], …`` out of one tensor S that they use up — MultiHeadAttention keeps the heads of
+    Q, K and V of self-attention in one array ``(3, B, h, L, d_k)``, cross-attention's K and V in
+    one ``(2, …)`` and its Q in a ``(1, …)`` — get their gradients written by the products straight
+    into the parts of one array of S's shape, and S becomes the op's parent in their place: without
+    it the graph walk zero-fills S's gradient and adds the parts into it (up to four more GPU
+    launches per attention). Not for an input whose gradient is to be kept (``retain_grad``): it
+    would get none."""
 
     def __init__(self, q, k, v):
-        self.inputs, self.source, self.index = (q, k, v), None, (None, None, None)
+        self.inputs, self.sources, self.index = (q, k, v), [], [None, None, None]
         self.parents = self.inputs
-        if not any(t.requires_grad for t in self.inputs):
-            return
-        index, sources = [], set()
-        for t in self.inputs:
-            read = t._backward
-            if type(read) is PartBackward and type(read.index) is int and not t._retain_grad:
-                index.append(read.index)
-                sources.add(id(t.parents[0]))
-            else:
-                index.append(None)
-        read = [t for t, i in zip(self.inputs, index) if i is not None]
-        if len(sources) != 1 or len({t.shape for t in read}) != 1:
-            return
-        source = read[0].parents[0]
-        if sorted(i for i in index if i is not None) != list(range(source.shape[0])) \
-                or len({t.shape[:-2] for t in self.inputs}) != 1:   # no broadcast batch axes to sum
-            return
-        self.source, self.index = source, tuple(index)
-        self.parents = (*(t for t, i in zip(self.inputs, index) if i is None), source)
+        if not any(t.requires_grad for t in self.inputs) or len({t.shape[:-2] for t in self.inputs}) != 1:
+            return                       # (broadcast batch axes: their gradients are sums, not parts)
+        read = {}                        # id(S) -> (S, [(input position, index in S)])
+        for position, t in enumerate(self.inputs):
+            backward = t._backward
+            if type(backward) is PartBackward and type(backward.index) is int and not t._retain_grad:
+                read.setdefault(id(t.parents[0]), (t.parents[0], []))[1].append((position, backward.index))
+        for source, parts in read.values():
+            if sorted(i for _, i in parts) == list(range(source.shape[0])):      # used up, each once
+                for position, i in parts:
+                    self.index[position] = (len(self.sources), i)
+                self.sources.append(source)
+        if self.sources:
+            self.parents = (*(t for t, i in zip(self.inputs, self.index) if i is None), *self.sources)
 
     def destinations(self, xp):
         """Per input, the array its gradient is to be written into (None: a new one)."""
-        if self.source is None:
-            return None, None, None
-        self.whole = xp.empty(self.source.shape, self.source.dtype)
-        return tuple(None if i is None else self.whole[i] for i in self.index)
+        self.wholes = [xp.empty(s.shape, s.dtype) for s in self.sources]
+        return tuple(None if i is None else self.wholes[i[0]][i[1]] for i in self.index)
 
     def of_parents(self, dQ, dK, dV):
-        if self.source is None:
+        if not self.sources:
             return dQ, dK, dV
-        return (*(d for d, i in zip((dQ, dK, dV), self.index) if i is None), self.whole)
+        return (*(d for d, i in zip((dQ, dK, dV), self.index) if i is None), *self.wholes)
 
 
 def _fused(q, k, v, mask, scale, dropout_p, grads):

@@ -64,10 +64,14 @@ class MultiHeadAttention(Module):
         return self.split_heads(self.k_proj(key)), self.split_heads(self.v_proj(value))
 
     def queries_keys_values(self, query, key, value):
-        """Q, K and V split into heads; one product for all three in self-attention."""
-        if query is key and key is value and self.one_product:
+        """Q, K and V split into heads; one product for all three in self-attention. (In
+        cross-attention Q too is laid out by ``project``'s one copy: a strided view of the heads
+        would be copied by both attention products that read it, forward and backward.)"""
+        if not self.one_product:
+            return (self.split_heads(self.q_proj(query)), *self.keys_values(key, value))
+        if query is key and key is value:
             return self.project(query, (self.q_proj, self.k_proj, self.v_proj))
-        return (self.split_heads(self.q_proj(query)), *self.keys_values(key, value))
+        return (self.project(query, (self.q_proj,))[0], *self.keys_values(key, value))
 
     def forward(self, query, key, value, mask=None, cache=None, static_kv=False):
         """``query (B, Lq, d_model)``, ``key``/``value (B, Lk, d_model)``; ``mask`` boolean,
