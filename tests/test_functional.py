@@ -310,6 +310,17 @@ def _make(rng):   # one set of keys/values shared by the batch: their gradient s
             (lambda q, k, v, m: torch_attention_weights(q, k, m) @ v))
 
 
+for _name, (_n, _h, _dk, _bias) in {"qkv": (3, 2, 3, True), "one-head-no-bias": (1, 1, 4, False),
+                                    "kv": (2, 4, 2, True)}.items():
+    @case("linear_heads", _name)
+    def _make(rng, n=_n, h=_h, d_k=_dk, bias=_bias):   # as linear, reshape, transpose, contiguous
+        arrays = [normal(rng, 2, 5, 6), normal(rng, n * h * d_k, 6)] + ([normal(rng, n * h * d_k)] if bias else [])
+
+        def theirs(x, w, *b):
+            return TF.linear(x, w, *b).reshape(2, 5, n, h, d_k).permute(2, 0, 3, 1, 4)
+        return arrays, (lambda x, w, *b: F.linear_heads(x, w, b[0] if b else None, n, h)), theirs
+
+
 @case("scaled_dot_product_attention", "packed-q-k-v")
 def _make(rng):   # q, k, v read out of one array, as MultiHeadAttention's one product does
     arrays = [normal(rng, 3, 2, 2, 4, 3), key_padding(rng, 2, 4, 2)]
@@ -686,6 +697,13 @@ def test_bad_linear_shapes(device, randn):
         F.linear(randn(2, 5), randn(4, 5), randn(3))
     with raises(ValueError, "linear", "2-D", "(4, 5, 1)"):
         F.linear(randn(2, 5), randn(4, 5, 1))
+    op = "linear_heads"
+    with raises(ValueError, op, "in_features=5", "(12, 5)", "(2, 3, 4)"):
+        F.linear_heads(randn(2, 3, 4), randn(12, 5), None, 3, 2)
+    with raises(ValueError, op, "(B, L, d)", "(6, 5)"):
+        F.linear_heads(randn(6, 5), randn(12, 5), None, 3, 2)
+    with raises(ValueError, op, "12 rows", "3 projections of 8 heads"):
+        F.linear_heads(randn(2, 3, 5), randn(12, 5), None, 3, 8)
 
 
 def test_elementwise_shapes_that_do_not_broadcast(device, randn):

@@ -45,32 +45,80 @@ def linear(x, weight, bias=None):
     ``db = Σ_rows g`` — one GEMM each, however many leading axes ``x`` has (``kernels.matmul`` is
     ``@``, or our own cuBLAS call while a CUDA graph is captured).
     """
-    x, weight = as_tensor(x), as_tensor(weight)
-    parents = (x, weight) if bias is None else (x, weight, as_tensor(bias))
-    check_same_device("linear", *parents)
-    if weight.ndim != 2:
-        raise ValueError(f"linear: weight must be 2-D (out_features, in_features), got {weight.shape}")
-    out_features, in_features = weight.shape
-    if x.ndim == 0 or x.shape[-1] != in_features:
-        raise ValueError(f"linear: input's last axis must be in_features={in_features} "
-                         f"(weight {weight.shape}), got input shape {x.shape}")
-    if bias is not None and parents[2].shape != (out_features,):
-        raise ValueError(f"linear: bias must have shape ({out_features},), got {parents[2].shape}")
-
-    # Leading axes flattened to one row axis: one GEMM instead of a GEMM per batch element.
-    x2 = x.data.reshape(-1, in_features)                                    # (n, in)
-    y = kernels.matmul(x2, weight.data.T)                                   # (n, out)
-    if bias is not None:
-        y += parents[2].data
+    parents = _checked("linear", x, weight, bias)
+    x = parents[0]
+    out_features = parents[1].shape[0]
+    x2, y = _product(x, parents)
     y = y.reshape(*x.shape[:-1], out_features)
 
     def backward(g):
-        g2 = g.reshape(-1, out_features)                                    # (n, out)
-        dx = kernels.matmul(g2, weight.data).reshape(x.shape) if x.requires_grad else None
-        dw = kernels.matmul(g2.T, x2) if weight.requires_grad else None
-        if bias is None:
-            return dx, dw
-        if not parents[2].requires_grad:
-            return dx, dw, None
-        return dx, dw, kernels.column_sum(g2) if backend.fused(g2) else g2.sum(axis=0)
+        return _product_grads(g.reshape(-1, out_features), x, x2, parents)
     return make_op(y, parents, backward, "linear")
+
+
+def _checked(op, x, weight, bias):
+    """``(x, weight[, bias])`` as tensors, checked as ``linear`` needs them."""
+    x, weight = as_tensor(x), as_tensor(weight)
+    parents = (x, weight) if bias is None else (x, weight, as_tensor(bias))
+    check_same_device(op, *parents)
+    if weight.ndim != 2:
+        raise ValueError(f"{op}: weight must be 2-D (out_features, in_features), got {weight.shape}")
+    out_features, in_features = weight.shape
+    if x.ndim == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{op}: input's last axis must be in_features={in_features} "
+                         f"(weight {weight.shape}), got input shape {x.shape}")
+    if bias is not None and parents[2].shape != (out_features,):
+        raise ValueError(f"{op}: bias must have shape ({out_features},), got {parents[2].shape}")
+    return parents
+
+
+def _product(x, parents):
+    """``(x2, y)``: the rows of ``x`` as ``(n, in)`` and ``y = x2 Wᵀ + b`` ``(n, out)`` — leading axes
+    flattened to one row axis: one GEMM instead of a GEMM per batch element."""
+    weight = parents[1]
+    x2 = x.data.reshape(-1, weight.shape[1])                                # (n, in)
+    y = kernels.matmul(x2, weight.data.T)                                   # (n, out)
+    if len(parents) == 3:
+        y += parents[2].data
+    return x2, y
+
+
+def _product_grads(g2, x, x2, parents):
+    """``(dx, dW[, db])`` of ``_product`` for its output's gradient ``g2`` ``(n, out)``."""
+    weight = parents[1]
+    dx = kernels.matmul(g2, weight.data).reshape(x.shape) if x.requires_grad else None
+    dw = kernels.matmul(g2.T, x2) if weight.requires_grad else None
+    if len(parents) == 2:
+        return dx, dw
+    if not parents[2].requires_grad:
+        return dx, dw, None
+    return dx, dw, kernels.column_sum(g2) if backend.fused(g2) else g2.sum(axis=0)
+
+
+def linear_heads(x, weight, bias, n, num_heads):
+    """``linear(x, W, b)`` for ``x`` ``(B, L, d)``, its output laid out as heads ``(n, B, h, L, d_k)``
+    (``W`` stacks ``n`` projections of ``h · d_k`` rows each: multi-head attention's Q, K and V by
+    one product, ``nn/attention.py``). The numbers of ``linear``, ``reshape``, ``transpose`` and a
+    contiguous copy in a row, but one op: only the heads stay alive for the backward, not also the
+    ``(B, L, n·h·d_k)`` product they were copied from (one more activation of that size per layer).
+
+    Backward: ``g`` laid back out as ``(B·L, n·h·d_k)`` (one copy), then ``linear``'s products.
+    """
+    op = "linear_heads"
+    parents = _checked(op, x, weight, bias)
+    x = parents[0]
+    out_features = parents[1].shape[0]
+    if x.ndim != 3:
+        raise ValueError(f"{op}: input must be (B, L, d), got shape {x.shape}")
+    if n < 1 or num_heads < 1 or out_features % (n * num_heads):
+        raise ValueError(f"{op}: weight's {out_features} rows are not {n} projections of {num_heads} "
+                         f"heads each")
+    B, L, _ = x.shape
+    d_k = out_features // (n * num_heads)
+    x2, y = _product(x, parents)
+    heads = x.xp.ascontiguousarray(y.reshape(B, L, n, num_heads, d_k).transpose(2, 0, 3, 1, 4))
+
+    def backward(g):
+        g2 = x.xp.ascontiguousarray(g.transpose(1, 3, 0, 2, 4)).reshape(B * L, out_features)
+        return _product_grads(g2, x, x2, parents)
+    return make_op(heads, parents, backward, op)

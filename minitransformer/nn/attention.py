@@ -50,11 +50,10 @@ class MultiHeadAttention(Module):
         n = len(projections)
         weight = F.concat([p.weight for p in projections])                # (n·d_model, d_model)
         bias = F.concat([p.bias for p in projections])
-        y = F.linear(x, weight, bias)                                      # (B, L, n·d_model)
-        B, L, _ = y.shape
-        # one copy puts every head of Q, K and V in place for the attention products
-        heads = F.contiguous(y.reshape(B, L, n, self.num_heads, self.d_k).transpose(2, 0, 3, 1, 4))
-        return tuple(heads[i] for i in range(n))                          # (n, B, h, L, d_k) -> n views
+        # the product, then one copy that puts every head of Q, K and V in place for the attention
+        # products (only that copy stays alive for the backward, not also the product)
+        heads = F.linear_heads(x, weight, bias, n, self.num_heads)         # (n, B, h, L, d_k)
+        return tuple(heads[i] for i in range(n))                          # n views (B, h, L, d_k)
 
     def keys_values(self, key, value):
         """``K = key W^K``, ``V = value W^V`` split into heads: ``(B, h, Lk, d_k)`` each (one product
