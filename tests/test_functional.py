@@ -310,6 +310,13 @@ def _make(rng):   # one set of keys/values shared by the batch: their gradient s
             (lambda q, k, v, m: torch_attention_weights(q, k, m) @ v))
 
 
+for _name, _bias in {"bias": True, "no-bias": False}.items():
+    @case("linear_relu", _name)
+    def _make(rng, bias=_bias):   # as relu(linear(x, W, b))
+        arrays = [normal(rng, 2, 5, 6), normal(rng, 7, 6)] + ([normal(rng, 7)] if bias else [])
+        return arrays, (lambda x, w, *b: F.linear_relu(x, w, *b)), (lambda x, w, *b: TF.relu(TF.linear(x, w, *b)))
+
+
 for _name, (_n, _h, _dk, _bias) in {"qkv": (3, 2, 3, True), "one-head-no-bias": (1, 1, 4, False),
                                     "kv": (2, 4, 2, True)}.items():
     @case("linear_heads", _name)
@@ -697,6 +704,8 @@ def test_bad_linear_shapes(device, randn):
         F.linear(randn(2, 5), randn(4, 5), randn(3))
     with raises(ValueError, "linear", "2-D", "(4, 5, 1)"):
         F.linear(randn(2, 5), randn(4, 5, 1))
+    with raises(ValueError, "linear_relu", "in_features=5", "(4, 5)", "(2, 3)"):
+        F.linear_relu(randn(2, 3), randn(4, 5))
     op = "linear_heads"
     with raises(ValueError, op, "in_features=5", "(12, 5)", "(2, 3, 4)"):
         F.linear_heads(randn(2, 3, 4), randn(12, 5), None, 3, 2)

@@ -377,6 +377,14 @@ def test_batched_matmul_falls_back_for_broadcast_batches(rng):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_relu_matches_the_array_version(rng, dtype, bias):
+    """The bias + ReLU kernel and the ReLU backward kernel inside linear_relu, against its array path."""
+    arrays = [rng.standard_normal((4, 9, 33)), rng.standard_normal((70, 33))] + ([rng.standard_normal(70)] if bias else [])
+    assert_same(run_both(lambda *t: F.linear_relu(*t), arrays, dtype), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_relu_and_the_linear_bias_gradient_match_the_array_version(rng, dtype):
     x, W, b = rng.standard_normal((4, 6, 9)), rng.standard_normal((5, 9)), rng.standard_normal(5)
     assert_same(run_both(lambda x, W, b: F.relu(F.linear(x, W, b)), [x, W, b], dtype), dtype)

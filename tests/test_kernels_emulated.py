@@ -15,7 +15,7 @@ from minitransformer import functional as F
 from kernel_emulator import Emulator, stand_in_cupy
 
 EMULATED = ("dropout_apply", "log_softmax_fwd", "log_softmax_bwd", "layer_norm_fwd", "layer_norm_bwd_dx", "layer_norm_bwd_dwdb",
-            "add_norm_fwd", "add_norm_bwd", "masked_softmax_fwd", "softmax_bwd", "relu_fwd", "relu_bwd",
+            "add_norm_fwd", "add_norm_bwd", "masked_softmax_fwd", "softmax_bwd", "relu_fwd", "bias_relu_fwd", "relu_bwd",
             "cross_entropy_fwd", "cross_entropy_bwd", "embedding_bwd", "adam_step")
 TOL = {np.float32: dict(rtol=2e-5, atol=2e-6), np.float64: dict(rtol=1e-12, atol=1e-13)}
 
@@ -188,6 +188,24 @@ def test_log_softmax_kernels_match_the_array_version(emulated, dtype, shape, rng
     np.testing.assert_allclose(dx, dx_ref, **TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_relu_on_the_fused_path_matches_relu_of_linear(emulated, monkeypatch, dtype, bias, rng):
+    """linear_relu's GPU path (bias and ReLU in one kernel, the ReLU backward kernel) against
+    relu(linear(·)) on the array path: output and every gradient."""
+    arrays = [rng.standard_normal((3, 5, 7)), rng.standard_normal((11, 7))] + ([rng.standard_normal(11)] if bias else [])
+    arrays = [a.astype(dtype) for a in arrays]
+    g = rng.standard_normal((3, 5, 11)).astype(dtype)
+    out, grads = array_grads(lambda *t: F.relu(F.linear(*t)), arrays, g)
+    gpu_code_path(monkeypatch)
+    tensors = [mt.tensor(a, requires_grad=True) for a in arrays]
+    y = F.linear_relu(*tensors)
+    y.backward(g)
+    np.testing.assert_allclose(y.numpy(), out, **TOL[dtype])
+    for t, ref in zip(tensors, grads):
+        np.testing.assert_allclose(t.grad, ref, **TOL[dtype])
+
+
 def test_relu_kernels_match_the_array_version(emulated, rng):
     x = rng.standard_normal((7, 33)).astype(np.float32)
     g = rng.standard_normal(x.shape).astype(np.float32)
@@ -302,7 +320,7 @@ def test_a_whole_transformer_takes_the_fused_path_to_the_same_logits_and_gradien
             finally:
                 mt.set_default_dtype(previous)
             out.append((loss.item(), logits.numpy(), {n: p.grad for n, p in model.named_parameters()}))
-    expected = {"masked_softmax_fwd", "softmax_bwd", "relu_fwd", "relu_bwd", "cross_entropy_fwd",
+    expected = {"masked_softmax_fwd", "softmax_bwd", "bias_relu_fwd", "relu_bwd", "cross_entropy_fwd",
                 "cross_entropy_bwd", "embedding_bwd", "layer_norm_bwd_dwdb"}
     expected |= {"layer_norm_fwd", "layer_norm_bwd_dx"} if norm_first else {"add_norm_fwd", "add_norm_bwd"}
     assert expected <= launched, expected - launched

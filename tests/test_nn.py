@@ -376,6 +376,27 @@ def test_one_product_keeps_no_more_memory_alive_than_three(rng):
     assert peaks[True] <= 1.05 * peaks[False], peaks
 
 
+def test_the_feed_forward_keeps_one_d_ff_activation_alive(rng):
+    """After §3.3's FFN forward, what stays allocated for the backward (tracemalloc) is one
+    ``(B, T, d_ff)`` array — the ReLU's output, which its backward and W2's both read — and not also
+    the product ``x W1 + b1`` before it (``relu(linear(·))`` as two ops keeps both)."""
+    import tracemalloc
+    ffn = nn.PositionwiseFeedForward(16, 256)
+    x = mt.tensor(rng.standard_normal((4, 32, 16)), requires_grad=True, dtype=mt.get_default_dtype())
+    held = {}
+    for name, forward in {"FFN": ffn, "two ops": lambda x: ffn.linear2(F.relu(ffn.linear1(x)))}.items():
+        tracemalloc.start()
+        try:
+            start = tracemalloc.get_traced_memory()[0]
+            y = forward(x)
+            held[name] = tracemalloc.get_traced_memory()[0] - start
+        finally:
+            tracemalloc.stop()
+        del y
+    d_ff_array = 4 * 32 * 256 * np.dtype(mt.get_default_dtype()).itemsize
+    assert held["FFN"] < 1.5 * d_ff_array < held["two ops"], (held, d_ff_array)
+
+
 def test_projection_weights_stay_packed_when_loaded_and_moved(device, rng):
     """W^Q, W^K, W^V share one buffer from construction on; loading a state dict copies into it and
     ``.to(device)`` moves it whole, so the one-product path never falls back to copying them."""

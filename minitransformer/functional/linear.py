@@ -72,13 +72,13 @@ def _checked(op, x, weight, bias):
     return parents
 
 
-def _product(x, parents):
+def _product(x, parents, add_bias=True):
     """``(x2, y)``: the rows of ``x`` as ``(n, in)`` and ``y = x2 Wᵀ + b`` ``(n, out)`` — leading axes
     flattened to one row axis: one GEMM instead of a GEMM per batch element."""
     weight = parents[1]
     x2 = x.data.reshape(-1, weight.shape[1])                                # (n, in)
     y = kernels.matmul(x2, weight.data.T)                                   # (n, out)
-    if len(parents) == 3:
+    if len(parents) == 3 and add_bias:
         y += parents[2].data
     return x2, y
 
@@ -93,6 +93,33 @@ def _product_grads(g2, x, x2, parents):
     if not parents[2].requires_grad:
         return dx, dw, None
     return dx, dw, kernels.column_sum(g2) if backend.fused(g2) else g2.sum(axis=0)
+
+
+def linear_relu(x, weight, bias=None):
+    """``max(0, x Wᵀ + b)`` — the inner term of §3.3's ``FFN(x) = max(0, x W1 + b1) W2 + b2`` — as one
+    op: the numbers of ``relu(linear(x, W, b))``, but only the ReLU's output stays alive for the
+    backward (its backward needs nothing else), not also the ``(…, d_ff)`` product before it; on the
+    GPU the bias and the ReLU are one kernel.
+
+    Backward: ``dy = g * [y > 0]``, then ``linear``'s ``dx = dy W``, ``dW = dyᵀ x``, ``db = Σ_rows dy``.
+    """
+    parents = _checked("linear_relu", x, weight, bias)
+    x = parents[0]
+    out_features = parents[1].shape[0]
+    fused = backend.fused(x.data, parents[1].data, *(p.data for p in parents[2:]))
+    x2, y = _product(x, parents, add_bias=not fused)            # y is a fresh array: ReLU in place
+    if fused and bias is not None:
+        kernels.bias_relu(y, parents[2].data)
+    elif fused:
+        y = kernels.relu(y)
+    else:
+        x.xp.maximum(y, 0, out=y)
+
+    def backward(g):
+        g2 = g.reshape(-1, out_features)
+        dy = kernels.relu_backward(y, g2) if fused else g2 * (y > 0)
+        return _product_grads(dy, x, x2, parents)
+    return make_op(y.reshape(*x.shape[:-1], out_features), parents, backward, "linear_relu")
 
 
 def linear_heads(x, weight, bias, n, num_heads):

@@ -403,6 +403,15 @@ def relu(x):
     return y
 
 
+def bias_relu(y, b):
+    """``y = max(0, y + b)`` in place (``y`` a fresh, C-contiguous ``(n, d)`` product, ``b`` ``(d,)``):
+    a linear layer's bias and the ReLU after it in one launch instead of two."""
+    if y.size:
+        _kernel("bias_relu_fwd", y.dtype)((_grid(y.size),), (_THREADS,),
+                                          (y, _contiguous(b), np.int64(y.size), np.int32(y.shape[-1])))
+    return y
+
+
 def relu_backward(y, g):
     """``dx = g * [y > 0]``."""
     cp = backend.cupy()

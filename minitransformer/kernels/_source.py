@@ -322,6 +322,14 @@ __global__ void relu_fwd(const T* __restrict__ x, T* __restrict__ y, long long n
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         y[i] = x[i] > T(0) ? x[i] : T(0);
 }
+// y = max(0, y + b) in place over rows of length d: a linear layer's bias and ReLU in one pass (§3.3).
+template<typename T>
+__global__ void bias_relu_fwd(T* __restrict__ y, const T* __restrict__ b, long long n, int d) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+        const T v = y[i] + b[i % d];
+        y[i] = v > T(0) ? v : T(0);
+    }
+}
 template<typename T>
 __global__ void relu_bwd(const T* __restrict__ y, const T* __restrict__ g, T* __restrict__ dx, long long n) {
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
@@ -440,5 +448,5 @@ __global__ void beam_topk_final(const double* __restrict__ part_val, const long 
 """
 
 NAMES = ("masked_softmax_fwd", "softmax_bwd", "log_softmax_fwd", "log_softmax_bwd", "dropout_apply", "layer_norm_fwd", "layer_norm_bwd_dx",
-         "layer_norm_bwd_dwdb", "add_norm_fwd", "add_norm_bwd", "cross_entropy_fwd", "cross_entropy_bwd", "relu_fwd", "relu_bwd", "embedding_bwd",
+         "layer_norm_bwd_dwdb", "add_norm_fwd", "add_norm_bwd", "cross_entropy_fwd", "cross_entropy_bwd", "relu_fwd", "bias_relu_fwd", "relu_bwd", "embedding_bwd",
          "adam_step", "beam_topk_partial", "beam_topk_final")

@@ -96,7 +96,9 @@ class PositionwiseFeedForward(Module):
         self.linear2 = Linear(d_ff, d_model)
 
     def forward(self, x):                                    # (B, T, d_model)
-        return self.linear2(F.relu(self.linear1(x)))         # (B, T, d_ff) -> (B, T, d_model)
+        # max(0, x W1 + b1) as one op (only its output stays alive for the backward), then W2, b2
+        hidden = F.linear_relu(x, self.linear1.weight, self.linear1.bias)    # (B, T, d_ff)
+        return self.linear2(hidden)                                           # (B, T, d_model)
 
 
 def sinusoid_table(max_len, d_model):
