@@ -328,6 +328,13 @@ for _name, (_n, _h, _dk, _bias) in {"qkv": (3, 2, 3, True), "one-head-no-bias": 
         return arrays, (lambda x, w, *b: F.linear_heads(x, w, b[0] if b else None, n, h)), theirs
 
 
+@case("scaled_dot_product_attention", "concat-heads")
+def _make(rng):   # Concat(head_1, …, head_h), (B, Lq, h·d_v), as multi-head attention takes it
+    arrays = [normal(rng, 2, 3, 4, 5), normal(rng, 2, 3, 6, 5), normal(rng, 2, 3, 6, 2), key_padding(rng, 2, 6, 2)]
+    return (arrays, (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, mask=m, concat_heads=True)[0]),
+            (lambda q, k, v, m: TF.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).reshape(2, 4, 6)))
+
+
 @case("scaled_dot_product_attention", "packed-q-k-v")
 def _make(rng):   # q, k, v read out of one array, as MultiHeadAttention's one product does
     arrays = [normal(rng, 3, 2, 2, 4, 3), key_padding(rng, 2, 4, 2)]
@@ -738,6 +745,8 @@ def test_attention_bad_shapes_and_masks(device, randn):
         F.scaled_dot_product_attention(q, k, randn(2, 6, 6))
     with raises(ValueError, op, "[0, 1)", "1.0"):
         F.scaled_dot_product_attention(q, k, v, dropout_p=1.0, training=True)
+    with raises(ValueError, op, "concat_heads", "(B, h, L, d)", "(2, 3, 4)"):
+        F.scaled_dot_product_attention(q, k, v, concat_heads=True)
 
 
 def test_masked_fill_bad_masks(device, randn):

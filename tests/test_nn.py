@@ -397,6 +397,30 @@ def test_the_feed_forward_keeps_one_d_ff_activation_alive(rng):
     assert held["FFN"] < 1.5 * d_ff_array < held["two ops"], (held, d_ff_array)
 
 
+def test_attention_keeps_only_the_concatenation_of_its_heads_alive(rng):
+    """Multi-head attention's ``Concat(head_1, …, head_h)`` is laid out by the attention op, so after
+    the forward only the concatenation is allocated for the backward, not also the heads it was
+    copied from (the op and a transpose + reshape after it keep both)."""
+    import tracemalloc
+    dtype = mt.get_default_dtype()
+    q, k, v = (mt.tensor(rng.standard_normal((4, 4, 32, 16)), requires_grad=True, dtype=dtype) for _ in range(3))
+    held = {}
+    for name, attend in {
+            "concat_heads": lambda: F.scaled_dot_product_attention(q, k, v, concat_heads=True)[0],
+            "transpose + reshape": lambda: F.scaled_dot_product_attention(q, k, v)[0].transpose(0, 2, 1, 3)
+            .reshape(4, 32, 64)}.items():
+        tracemalloc.start()
+        try:
+            start = tracemalloc.get_traced_memory()[0]
+            out = attend()
+            held[name] = tracemalloc.get_traced_memory()[0] - start
+        finally:
+            tracemalloc.stop()
+        del out
+    heads = 4 * 4 * 32 * 16 * np.dtype(dtype).itemsize
+    assert held["concat_heads"] + 0.9 * heads < held["transpose + reshape"], (held, heads)
+
+
 def test_projection_weights_stay_packed_when_loaded_and_moved(device, rng):
     """W^Q, W^K, W^V share one buffer from construction on; loading a state dict copies into it and
     ``.to(device)`` moves it whole, so the one-product path never falls back to copying them."""

@@ -16,11 +16,14 @@ def _t(array):
     return array.swapaxes(-1, -2)
 
 
-def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=False):
+def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=False, concat_heads=False):
     """Returns ``(output (…, Lq, d_v), weights (…, Lq, Lk))``.
 
     ``weights`` are the attention probabilities *before* dropout (a constant tensor, for
     plotting). A query row whose every key is masked attends to nothing: its output is 0.
+    ``concat_heads=True`` (``(B, h, L, d)`` inputs, §3.2.2): the output is ``Concat(head_1, …, head_h)``,
+    ``(B, Lq, h·d_v)``, laid out by the op itself, so that only the concatenation stays alive for the
+    backward, not also the heads it was copied from.
 
     Forward:  ``S = Q Kᵀ / √d_k`` (masked places -∞), ``P = softmax(S)``, ``P̃ = P * m``
     (dropout mask ``m``), ``O = P̃ V``.
@@ -37,6 +40,9 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"{op}: k and v must have the same number of keys Lk, got k {k.shape} and v {v.shape}")
     check_p(op, dropout_p)
+    if concat_heads and not q.ndim == k.ndim == v.ndim == 4:
+        raise ValueError(f"{op}: concat_heads needs q, k, v of shape (B, h, L, d), got {q.shape}, {k.shape}, "
+                         f"{v.shape}")
     xp = q.xp
     scale = 1.0 / math.sqrt(q.shape[-1])
 
@@ -57,7 +63,7 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
                              f"scores' shape (…, Lq, Lk) = {scores_shape}") from None
     grads = _Gradients(q, k, v)
     if backend.fused(q.data, k.data, v.data) and len(scores_shape) <= 4 and len({q.dtype, k.dtype, v.dtype}) == 1:
-        return _fused(q, k, v, mask, scale, dropout_p if training else 0.0, grads)
+        return _fused(q, k, v, mask, scale, dropout_p if training else 0.0, grads, concat_heads)
 
     scores = (q.data @ _t(k.data)) * q.dtype.type(scale)                     # (…, Lq, Lk)
     if mask is not None:
@@ -69,8 +75,12 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
     P = e / xp.where(total > 0, total, 1)                                     # (…, Lq, Lk)
     P_tilde, again = apply_dropout(P, dropout_p) if training and dropout_p > 0 else (P, None)
     out = P_tilde @ v.data
+    if concat_heads:
+        out, heads_shape = _concat(out), out.shape
 
     def backward(dO):
+        if concat_heads:
+            dO = _split(dO, heads_shape)
         out_q, out_k, out_v = grads.destinations(xp)
         mm = xp.matmul
         dV = unbroadcast(mm(_t(P_tilde), dO, out=out_v), v.shape) if v.requires_grad else None
@@ -83,6 +93,18 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
         dK = unbroadcast(mm(_t(dS), q.data, out=out_k), k.shape) if k.requires_grad else None
         return grads.of_parents(dQ, dK, dV)
     return make_op(out, grads.parents, backward, op), Tensor(P)
+
+
+def _concat(out):
+    """``(B, h, L, d)`` heads -> ``(B, L, h·d)``, ``Concat(head_1, …, head_h)`` (one copy)."""
+    B, h, L, d = out.shape
+    return out.transpose(0, 2, 1, 3).reshape(B, L, h * d)
+
+
+def _split(g, heads_shape):
+    """The concatenation's gradient back as heads ``(B, h, L, d)`` (a view)."""
+    B, h, L, d = heads_shape
+    return g.reshape(B, L, h, d).transpose(0, 2, 1, 3)
 
 
 class _Gradients:
@@ -124,7 +146,7 @@ class _Gradients:
         return (*(d for d, i in zip((dQ, dK, dV), self.index) if i is None), *self.wholes)
 
 
-def _fused(q, k, v, mask, scale, dropout_p, grads):
+def _fused(q, k, v, mask, scale, dropout_p, grads, concat_heads):
     """The same op on the GPU with fused kernels: one kernel for scale + mask + softmax + dropout, one
     for dropout's and the softmax's backward (the mask is ``apply_dropout``'s: the same counter-based
     stream, drawn again); the products read transposed operands in place (kernels.batched_matmul)."""
@@ -137,9 +159,13 @@ def _fused(q, k, v, mask, scale, dropout_p, grads):
         seed = offset = 0
         P = P_tilde = kernels.masked_softmax(scores, mask, scale)
     out = mm(P_tilde, v.data)
+    if concat_heads:
+        out, heads_shape = _concat(out), out.shape
 
     def backward(dO):
-        # dO arrives as a transposed view (merge_heads' backward); both products below would copy it
+        if concat_heads:
+            dO = _split(dO, heads_shape)
+        # dO is a transposed view here (of the concatenation's gradient); both products below would copy it
         dO = q.xp.ascontiguousarray(dO)
         out_q, out_k, out_v = grads.destinations(q.xp)
         dV = unbroadcast(mm(_t(P_tilde), dO, out=out_v), v.shape) if v.requires_grad else None

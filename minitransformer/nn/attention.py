@@ -40,10 +40,6 @@ class MultiHeadAttention(Module):
         B, L, _ = x.shape
         return x.reshape(B, L, self.num_heads, self.d_k).transpose(0, 2, 1, 3)
 
-    def merge_heads(self, x):            # (B, h, L, d_k) -> (B, L, d_model)
-        B, _, L, _ = x.shape
-        return x.transpose(0, 2, 1, 3).reshape(B, L, self.d_model)
-
     def project(self, x, projections):
         """``x W_iᵀ + b_i`` for each of ``projections`` by one product, split into heads: a tuple of
         ``(B, h, L, d_k)`` tensors. The weights are read in place where they are packed."""
@@ -99,10 +95,11 @@ class MultiHeadAttention(Module):
                     k = F.concat([cache["k"], k], axis=2)
                     v = F.concat([cache["v"], v], axis=2)
                 cache["k"], cache["v"] = k, v
-        out, weights = F.scaled_dot_product_attention(
-            q, k, v, mask=mask, dropout_p=self.dropout, training=self.training)
+        # Concat(head_1, …, head_h): (B, Lq, d_model), laid out by the attention op itself
+        concat, weights = F.scaled_dot_product_attention(
+            q, k, v, mask=mask, dropout_p=self.dropout, training=self.training, concat_heads=True)
         self.attention_weights = weights
-        return self.out_proj(self.merge_heads(out))
+        return self.out_proj(concat)
 
     def extra_repr(self):
         return f"d_model={self.d_model}, num_heads={self.num_heads}, dropout={self.dropout}"
