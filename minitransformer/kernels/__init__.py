@@ -90,10 +90,11 @@ def _masked_softmax(scores, mask, scale, p, seed, offset):
 
 
 def _dropout_arguments(p, seed, offset, T):
-    """A kernel's dropout arguments ``(p, key, offset, base, 1 / (1 - p))`` as dropout_apply takes them."""
+    """Every dropping kernel's five arguments ``(key, offset, base, p, 1 / (1 - p))``: number
+    ``offset + i`` of stream ``seed`` decides element ``i`` (none is drawn when ``p == 0``)."""
     if p <= 0:
-        return np.float32(0), np.uint64(0), np.uint64(0), np.uint64(0), T(1)
-    return (np.float32(p), np.uint64(_stream_key(seed)), np.uint64(offset), _dropout_base(),
+        return np.uint64(0), np.uint64(0), np.uint64(0), np.float32(0), T(1)
+    return (np.uint64(_stream_key(seed)), np.uint64(offset), _dropout_base(), np.float32(p),
             T(1.0 / (1.0 - p)))
 
 
@@ -152,8 +153,7 @@ def dropout_apply(x, p, seed, offset):
     if x.size:
         _kernel("dropout_apply", x.dtype)(
             (_grid(x.size),), (_THREADS,),
-            (x, y, np.int64(x.size), np.uint64(_stream_key(seed)), np.uint64(offset), _dropout_base(), np.float32(p),
-             x.dtype.type(1.0 / (1.0 - p))))
+            (x, y, np.int64(x.size), *_dropout_arguments(p, seed, offset, x.dtype.type)))
     return y
 
 
@@ -236,8 +236,7 @@ def add_and_norm(x, s, weight, bias, eps, p, seed, offset):
         _kernel("add_norm_fwd", x.dtype)(
             (rows,), (_block(min(d, 256)),),
             (x, s, *_affine(weight, bias, x.dtype), np.int32(d), x.dtype.type(eps),
-             np.uint64(_stream_key(seed)), np.uint64(offset), _dropout_base(), np.float32(p),
-             x.dtype.type(1.0 / (1.0 - p)), z, y, mean, rstd))
+             *_dropout_arguments(p, seed, offset, x.dtype.type), z, y, mean, rstd))
     return y, z, mean, rstd
 
 
@@ -256,8 +255,7 @@ def add_and_norm_backward(z, g, weight, mean, rstd, p, seed, offset, need_weight
     _kernel("add_norm_bwd", z.dtype)(
         (rows,), (_block(min(d, 256)),),
         (z, g, weight if weight is not None else cp.empty(1, dtype=z.dtype), np.int32(weight is not None),
-         mean, rstd, np.int32(d), np.uint64(_stream_key(seed)), np.uint64(offset), _dropout_base(),
-         np.float32(p), z.dtype.type(1.0 / (1.0 - p)), dz, ds))
+         mean, rstd, np.int32(d), *_dropout_arguments(p, seed, offset, z.dtype.type), dz, ds))
     if not need_weight_grads:
         return dz, ds, None, None
     return (dz, ds, *_layer_norm_weight_grads(z, g, mean, rstd))

@@ -61,8 +61,9 @@ template<typename T>
 __global__ void masked_softmax_fwd(const T* __restrict__ S, const unsigned char* __restrict__ mask, int has_mask,
                                    long long ms0, long long ms1, long long ms2, long long ms3,
                                    int d1, int Lq, int Lk, T scale, T* __restrict__ P,
-                                   float p_drop, unsigned long long key, unsigned long long offset,
-                                   const unsigned long long* __restrict__ base, T keep_scale, T* __restrict__ Pt) {
+                                   unsigned long long key, unsigned long long offset,
+                                   const unsigned long long* __restrict__ base, float p_drop, T keep_scale,
+                                   T* __restrict__ Pt) {
     __shared__ T smem[33];
     const long long row = blockIdx.x;
     const T* s = S + row * Lk;
@@ -94,8 +95,9 @@ __global__ void masked_softmax_fwd(const T* __restrict__ S, const unsigned char*
 // dropout mask of the forward's P (dropout_apply's numbers, drawn again): dP * m in the same pass.
 template<typename T>
 __global__ void softmax_bwd(const T* __restrict__ P, const T* __restrict__ dP, int L, T scale,
-                            float p_drop, unsigned long long key, unsigned long long offset,
-                            const unsigned long long* __restrict__ base, T keep_scale, T* __restrict__ dS) {
+                            unsigned long long key, unsigned long long offset,
+                            const unsigned long long* __restrict__ base, float p_drop, T keep_scale,
+                            T* __restrict__ dS) {
     __shared__ T smem[33];
     const long long row = blockIdx.x;
     const T* p = P + row * L;
