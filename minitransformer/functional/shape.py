@@ -119,8 +119,9 @@ def _packed_view(tensors):
 
 
 def contiguous(x):
-    """The same values laid out C-contiguously (a copy only when ``x`` is a strided view); backward
-    passes the gradient through. Used where one copy now saves several later (the packed Q, K, V)."""
+    """The same values laid out C-contiguously (a copy only when ``x`` is a strided view), as
+    ``torch.Tensor.contiguous``; backward passes the gradient through. One copy can save several:
+    products that read a strided view each copy it."""
     return make_op(x.xp.ascontiguousarray(x.data), (x,), lambda g: (g,), "contiguous")
 
 
