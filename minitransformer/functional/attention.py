@@ -165,7 +165,7 @@ def _fused(q, k, v, mask, scale, dropout_p, grads, concat_heads):
     def backward(dO):
         if concat_heads:
             dO = _split(dO, heads_shape)
-        # dO is a transposed view here (of the concatenation's gradient); both products below would copy it
+        # with concat_heads dO is a transposed view here; both products below would copy it
         dO = q.xp.ascontiguousarray(dO)
         out_q, out_k, out_v = grads.destinations(q.xp)
         dV = unbroadcast(mm(_t(P_tilde), dO, out=out_v), v.shape) if v.requires_grad else None
