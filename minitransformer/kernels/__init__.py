@@ -171,11 +171,15 @@ def _normalize_outputs(x):
     return rows, cp.empty_like(x), cp.empty(rows, dtype=x.dtype), cp.empty(rows, dtype=x.dtype)
 
 
+def _optional(array, dtype):
+    """An optional array as a kernel argument: itself, or a one-element stand-in when absent."""
+    return array if array is not None else backend.cupy().empty(1, dtype=dtype)
+
+
 def _affine(weight, bias, dtype):
-    """γ and β as kernel arguments: the arrays (a one-element stand-in for an absent one), two flags."""
-    dummy = backend.cupy().empty(1, dtype=dtype)
-    return (weight if weight is not None else dummy, bias if bias is not None else dummy,
-            np.int32(weight is not None), np.int32(bias is not None))
+    """γ and β as kernel arguments: the arrays (stand-ins for absent ones), then two flags."""
+    return (_optional(weight, dtype), _optional(bias, dtype), np.int32(weight is not None),
+            np.int32(bias is not None))
 
 
 def layer_norm(x, weight, bias, eps):
@@ -202,7 +206,7 @@ def layer_norm_backward(x, g, weight, mean, rstd, need_weight_grads=True):
         return dx, zeros, zeros.copy()
     _kernel("layer_norm_bwd_dx", x.dtype)(
         (rows,), (_block(min(d, 256)),),
-        (x, g, weight if weight is not None else cp.empty(1, dtype=x.dtype), np.int32(weight is not None),
+        (x, g, _optional(weight, x.dtype), np.int32(weight is not None),
          mean, rstd, np.int32(d), dx))
     if not need_weight_grads:
         return dx, None, None
@@ -254,7 +258,7 @@ def add_and_norm_backward(z, g, weight, mean, rstd, p, seed, offset, need_weight
         return dz, ds, zeros, zeros.copy()
     _kernel("add_norm_bwd", z.dtype)(
         (rows,), (_block(min(d, 256)),),
-        (z, g, weight if weight is not None else cp.empty(1, dtype=z.dtype), np.int32(weight is not None),
+        (z, g, _optional(weight, z.dtype), np.int32(weight is not None),
          mean, rstd, np.int32(d), *_dropout_arguments(p, seed, offset, z.dtype.type), dz, ds))
     if not need_weight_grads:
         return dz, ds, None, None
