@@ -31,6 +31,8 @@ def main():
     parser.add_argument("--steps", type=int, default=100, help="steps per round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sort", default="tottime", help="pstats order with --profile: tottime, cumtime")
+    parser.add_argument("--top", type=int, default=30, help="functions listed with --profile")
     args = parser.parse_args()
     import minitransformer as mt
     from minitransformer import backend, kernels
@@ -70,7 +72,7 @@ def main():
         for _ in range(args.steps):
             train_step(model, opt, schedule, batch)
         profile.disable()
-        pstats.Stats(profile).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profile).sort_stats(args.sort).print_stats(args.top)
 
 
 if __name__ == "__main__":

@@ -307,21 +307,21 @@ def _freed_backward(_):
 
 
 def _topological_order(root):
-    """Nodes that require grad, each after all its parents — an explicit stack, no recursion."""
-    order, visited = [], set()
-    stack = [(root, False)]
+    """Nodes that require grad, each after all its parents — a depth-first walk on an explicit
+    stack of (node, iterator over its parents), no recursion. (A training step walks hundreds
+    of nodes: this shape visits each edge once, with no second push per node.)"""
+    order, visited = [], {id(root)}
+    stack = [(root, iter(root.parents))]
     while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
-            continue
-        if id(node) in visited:
-            continue
-        visited.add(id(node))
-        stack.append((node, True))
-        for parent in node.parents:
+        node, parents = stack[-1]
+        for parent in parents:
             if parent.requires_grad and id(parent) not in visited:
-                stack.append((parent, False))
+                visited.add(id(parent))
+                stack.append((parent, iter(parent.parents)))
+                break
+        else:                  # every parent is placed: the node may follow them
+            stack.pop()
+            order.append(node)
     return order
 
 

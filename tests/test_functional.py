@@ -654,6 +654,11 @@ def test_concat_of_packed_parameters_is_a_view_with_the_same_gradients(device, r
         out = F.concat(pieces)
         assert backend.address(out.data) not in [backend.address(p.data) for p in packed]
         np.testing.assert_array_equal(out.numpy(), np.concatenate([p.numpy() for p in pieces]))
+    # packed side by side but of other widths: not one (n, 3) view, the shape error as for any tensors
+    odd = [Parameter(mt.tensor(rng.standard_normal(s), device=device).data) for s in ((2, 3), (2, 4))]
+    pack(odd)
+    with pytest.raises(ValueError, match="concat: all shapes must match except along axis 0"):
+        F.concat(odd)
 
 
 def test_masked_fill_accepts_a_list_mask(device, randn):

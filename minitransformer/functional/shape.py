@@ -80,14 +80,18 @@ def concat(tensors, axis=0):
     tensors = [as_tensor(t) for t in tensors]
     if not tensors:
         raise ValueError("concat: expected at least one tensor")
-    check_same_device("concat", *tensors)
+    # packed parameters (W^Q, W^K, W^V in every attention layer, every step): a view, no checks to make
+    joined = _packed_view(tensors) if axis == 0 else None
     ndim = tensors[0].ndim
     axis = axis % max(ndim, 1)
-    for t in tensors:
-        if t.ndim != ndim or t.shape[:axis] + t.shape[axis + 1:] != tensors[0].shape[:axis] + tensors[0].shape[axis + 1:]:
-            raise ValueError(f"concat: all shapes must match except along axis {axis}, "
-                             f"got {[tuple(t.shape) for t in tensors]}")
-    xp = tensors[0].xp
+    if joined is None:
+        check_same_device("concat", *tensors)
+        rest = tensors[0].shape[:axis] + tensors[0].shape[axis + 1:]
+        for t in tensors:
+            if t.ndim != ndim or t.shape[:axis] + t.shape[axis + 1:] != rest:
+                raise ValueError(f"concat: all shapes must match except along axis {axis}, "
+                                 f"got {[tuple(t.shape) for t in tensors]}")
+        joined = tensors[0].xp.concatenate([t.data for t in tensors], axis=axis)
     bounds = [0]
     for t in tensors:
         bounds.append(bounds[-1] + t.shape[axis])
@@ -95,27 +99,26 @@ def concat(tensors, axis=0):
     def backward(g):
         return tuple(g[(slice(None),) * axis + (slice(lo, hi),)] if t.requires_grad else None
                      for t, lo, hi in zip(tensors, bounds[:-1], bounds[1:]))
-    joined = _packed_view(tensors) if axis == 0 else None
-    if joined is None:
-        joined = xp.concatenate([t.data for t in tensors], axis=axis)
     return make_op(joined, tuple(tensors), backward, "concat")
 
 
 def _packed_view(tensors):
     """Parameters that lie one after another in one buffer (``nn.module.pack``: W^Q, W^K, W^V)
-    joined along axis 0 without a copy, as a view of that buffer; None for anything else."""
+    joined along axis 0 without a copy, as a view of that buffer; None for anything else (other
+    arrays, a gap or another order, shapes that differ after axis 0)."""
     first = getattr(tensors[0], "packed", None)
     if first is None:
         return None
     buffer, start = first
-    end = start
+    end, rest = start, tensors[0].shape[1:]
     for t in tensors:
         packed = getattr(t, "packed", None)
-        if packed is None or packed[0] is not buffer or packed[1] != end or t.data.base is not buffer \
-                or not t.data.flags.c_contiguous:
+        data = t.data
+        if packed is None or packed[0] is not buffer or packed[1] != end or data.base is not buffer \
+                or data.shape[1:] != rest or not data.flags.c_contiguous:
             return None
-        end += t.size
-    return buffer[start:end].reshape(-1, *tensors[0].shape[1:])
+        end += data.size
+    return buffer[start:end].reshape(-1, *rest)
 
 
 def contiguous(x):

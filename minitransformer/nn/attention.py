@@ -44,8 +44,11 @@ class MultiHeadAttention(Module):
         """``x W_iᵀ + b_i`` for each of ``projections`` by one product, split into heads: a tuple of
         ``(B, h, L, d_k)`` tensors. The weights are read in place where they are packed."""
         n = len(projections)
-        weight = F.concat([p.weight for p in projections])                # (n·d_model, d_model)
-        bias = F.concat([p.bias for p in projections])
+        if n == 1:
+            weight, bias = projections[0].weight, projections[0].bias
+        else:
+            weight = F.concat([p.weight for p in projections])            # (n·d_model, d_model)
+            bias = F.concat([p.bias for p in projections])
         # the product, then one copy that puts every head of Q, K and V in place for the attention
         # products (only that copy stays alive for the backward, not also the product)
         heads = F.linear_heads(x, weight, bias, n, self.num_heads)         # (n, B, h, L, d_k)
