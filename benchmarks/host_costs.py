@@ -58,7 +58,7 @@ def main():
         "cupy a.sum(axis=0) (reduction)": lambda: a.sum(axis=0),
         "cupy a @ b (2-D, cuBLAS via CuPy)": lambda: a @ b,
         "kernels.batched_matmul (3-D)": lambda: kernels.batched_matmul(a3, b3),
-        "kernels.column_sum (GEMV)": lambda: kernels.column_sum(rows),
+        "kernels.column_sum (1ᵀ g by CuPy's @)": lambda: kernels.column_sum(rows),
         "kernels.softmax_backward (RawKernel + Python)": lambda: kernels.softmax_backward(rows, rows),
         "kernels.dropout_apply (RawKernel + Python)": lambda: kernels.dropout_apply(rows, 0.1, 0, 0),
         "kernels.relu": lambda: kernels.relu(rows),

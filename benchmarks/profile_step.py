@@ -99,7 +99,7 @@ def op_times(model, opt, sched, batch, sync, steps):
     import importlib
     import cupy as cp
     import minitransformer.functional as F
-    from minitransformer.tensor import Tensor
+    from minitransformer.tensor import PartBackward, Tensor
     from minitransformer.train import train_step
     events = []
 
@@ -112,7 +112,8 @@ def op_times(model, opt, sched, batch, sync, steps):
             e1.record()
             events.append((name, "fwd", e0, e1))
             t = out[0] if isinstance(out, tuple) else out
-            if isinstance(t, Tensor) and t._backward is not None:
+            # (not getitem's PartBackward: attention looks for it to write dQ, dK, dV into one array)
+            if isinstance(t, Tensor) and t._backward is not None and type(t._backward) is not PartBackward:
                 inner = t._backward
 
                 def timed_backward(g):

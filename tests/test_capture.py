@@ -242,3 +242,33 @@ def test_the_done_flag_of_a_replayed_search_is_read_one_step_late(monkeypatch):
     assert seen == [False, False, False, True]            # step 3 is the first all-done, seen at step 4
     assert log == [("record", 0), ("record", 1), ("wait", 0), ("record", 2), ("wait", 1),
                    ("record", 3), ("wait", 2)]            # each call waits for the call before's copy only
+
+
+def test_own_handles_are_kept_for_the_last_few_streams_only(monkeypatch):
+    """kernels.OWN_HANDLE: one cuBLAS handle (and 32 MiB workspace) per stream, reused on that stream,
+    let go once several other streams came after it (each captured step or search has its own)."""
+    from types import SimpleNamespace
+    from minitransformer.kernels import capture
+    made = []
+
+    class Blas:
+        def __init__(self, stream):
+            made.append(stream.ptr)
+
+    current = [SimpleNamespace(ptr=0)]
+    monkeypatch.setattr(capture, "Blas", Blas)
+    monkeypatch.setattr(backend, "cupy", lambda: SimpleNamespace(cuda=SimpleNamespace(get_current_stream=lambda: current[0])))
+    monkeypatch.setattr(kernels, "OWN_HANDLE", True)
+    monkeypatch.setattr(kernels, "_own_blas", type(kernels._own_blas)())
+    first = kernels._eager_blas()
+    for ptr in range(1, 10):
+        current[0] = SimpleNamespace(ptr=ptr)
+        assert kernels._eager_blas() is kernels._eager_blas()        # one handle a stream
+        if ptr < 4:                                                  # stream 0 is used again now and then
+            current[0] = SimpleNamespace(ptr=0)
+            assert kernels._eager_blas() is first
+    assert len(kernels._own_blas) == kernels._OWN_BLAS_KEPT
+    assert list(kernels._own_blas) == [6, 7, 8, 9]
+    assert made == list(range(10))
+    monkeypatch.setattr(kernels, "OWN_HANDLE", False)
+    assert kernels._eager_blas() is None

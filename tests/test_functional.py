@@ -231,7 +231,7 @@ for _shape, _axes in [((2, 3, 4), (1, 0, 2)), ((2, 3, 4, 5), (2, 0, 3, 1)), ((3,
     def _make(rng, shape=_shape, axes=_axes):
         # a strided view made contiguous (a copy), then weighted so a misplaced gradient shows
         weights = rng.standard_normal(tuple(shape[a] for a in axes))
-        return ([normal(rng, *shape)], (lambda x: F.contiguous(F.transpose(x, axes)) * weights.astype(x.dtype)),
+        return ([normal(rng, *shape)], (lambda x: F.contiguous(F.transpose(x, axes)) * mt.tensor(weights, dtype=x.dtype, device=x.device)),
                 (lambda x: x.permute(axes).contiguous() * torch.tensor(weights, dtype=x.dtype)))
 
 for _shape, _new in [((2, 3, 4), (6, 4)), ((2, 3, 4), (-1,)), ((12,), (3, 2, 2)), ((3, 4), (4, 1, 3))]:

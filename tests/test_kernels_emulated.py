@@ -206,6 +206,17 @@ def test_linear_relu_on_the_fused_path_matches_relu_of_linear(emulated, monkeypa
         np.testing.assert_allclose(t.grad, ref, **TOL[dtype])
 
 
+def test_linear_relu_of_mixed_dtypes_takes_the_array_path(emulated, monkeypatch, rng):
+    """float64 input, float32 weight and bias: the product is float64, and the bias kernel would read
+    the float32 bias as doubles; the op promotes as the array path does instead."""
+    x, w, b = rng.standard_normal((3, 7)), rng.standard_normal((11, 7)), rng.standard_normal(11)
+    ref = np.maximum(x @ w.astype(np.float32).T.astype(np.float64) + b.astype(np.float32), 0)
+    gpu_code_path(monkeypatch)
+    y = F.linear_relu(mt.tensor(x, dtype="float64"), mt.tensor(w, dtype="float32"), mt.tensor(b, dtype="float32"))
+    assert y.dtype == np.float64
+    np.testing.assert_allclose(y.numpy(), ref, rtol=1e-6)
+
+
 def test_relu_kernels_match_the_array_version(emulated, rng):
     x = rng.standard_normal((7, 33)).astype(np.float32)
     g = rng.standard_normal(x.shape).astype(np.float32)

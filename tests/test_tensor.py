@@ -437,8 +437,9 @@ def test_parts_of_a_tensor_fill_one_gradient(device, randn, rng):
     whichever comes first in the walk, and a second backward adds the same again."""
     x = randn(4, 3)
     w = [rng.standard_normal(s) for s in [(3,), (2, 3), (3,), (4, 3)]]
-    y = ((x[0] * w[0]).sum() + (x[1:3] * w[1]).sum() + (x * w[3]).sum() + (x[3] * w[2]).sum()
-         + (x[1:3] * w[1]).sum())
+    t = [mt.tensor(a, dtype=x.dtype, device=device) for a in w]
+    y = ((x[0] * t[0]).sum() + (x[1:3] * t[1]).sum() + (x * t[3]).sum() + (x[3] * t[2]).sum()
+         + (x[1:3] * t[1]).sum())
     y.backward(retain_graph=True)
     expected = w[3].copy()
     expected[0] += w[0]

@@ -106,7 +106,8 @@ def linear_relu(x, weight, bias=None):
     parents = _checked("linear_relu", x, weight, bias)
     x = parents[0]
     out_features = parents[1].shape[0]
-    fused = backend.fused(x.data, parents[1].data, *(p.data for p in parents[2:]))
+    # one dtype: the kernel reads the bias as the product's type (float32 W under float64 x is promoted)
+    fused = backend.fused(*(p.data for p in parents)) and len({p.dtype for p in parents}) == 1
     x2, y = _product(x, parents, add_bias=not fused)            # y is a fresh array: ReLU in place
     if fused and bias is not None:
         kernels.bias_relu(y, parents[2].data)

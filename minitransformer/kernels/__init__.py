@@ -10,6 +10,7 @@ or two passes and computes the *same formula* as the array version next to it in
 
 Every function takes and returns CuPy arrays; ``minitransformer.kernels._source`` holds the CUDA C++.
 """
+import collections
 import functools
 import math
 import os
@@ -320,11 +321,13 @@ def _operand(a):
 # time a call (cProfile, H200), but an earlier direct sgemm on CuPy's handle (setStream and
 # setPointerMode every call) made the step slower, for a reason not yet known.
 OWN_HANDLE = os.environ.get("MINITRANSFORMER_OWN_HANDLE", "0") == "1"
-_own_blas = {}
+_own_blas = collections.OrderedDict()     # stream address -> Blas, the last few streams used
+_OWN_BLAS_KEPT = 4                        # each holds a handle and a 32 MiB workspace
 
 
 def _eager_blas():
-    """Our own cuBLAS handle on the current stream (None unless ``OWN_HANDLE``)."""
+    """Our own cuBLAS handle on the current stream (None unless ``OWN_HANDLE``). Handles of streams
+    not used lately are let go (every captured step or search has a stream of its own)."""
     if not OWN_HANDLE:
         return None
     from .capture import Blas
@@ -332,6 +335,9 @@ def _eager_blas():
     blas = _own_blas.get(stream.ptr)
     if blas is None:
         blas = _own_blas[stream.ptr] = Blas(stream)
+        while len(_own_blas) > _OWN_BLAS_KEPT:
+            _own_blas.popitem(last=False)
+    _own_blas.move_to_end(stream.ptr)
     return blas
 
 
@@ -374,15 +380,20 @@ def batched_matmul(a, b, out=None):
                                           batch, dtype_id, compute)
         return C
     from cupy_backends.cuda.libs import cublas
-    scalar = np.float32 if a.dtype == np.float32 else np.float64
-    one, zero = np.ones(1, dtype=scalar), np.zeros(1, dtype=scalar)
+    one, zero = _HOST_SCALAR_PTRS[a.dtype]
     handle = cp.cuda.device.get_cublas_handle()
     cublas.setPointerMode(handle, 0)            # CUBLAS_POINTER_MODE_HOST: alpha and beta below
     cublas.gemmStridedBatchedEx(
-        handle, *args, one.ctypes.data, B.data.ptr, dtype_id, k if b_t else n, k * n,
+        handle, *args, one, B.data.ptr, dtype_id, k if b_t else n, k * n,
         A.data.ptr, dtype_id, m if a_t else k, m * k,
-        zero.ctypes.data, C.data.ptr, dtype_id, n, m * n, batch, compute, -1)
+        zero, C.data.ptr, dtype_id, n, m * n, batch, compute, -1)
     return C
+
+
+# α = 1 and β = 0 of the eager strided-batched GEMMs, in host memory that lives as long as the module
+# (made once: two arrays and their addresses cost ~4.5 µs of host time a call, 54 calls a small step)
+_HOST_SCALARS = {np.dtype(t): (np.ones(1, dtype=t), np.zeros(1, dtype=t)) for t in (np.float32, np.float64)}
+_HOST_SCALAR_PTRS = {t: (one.ctypes.data, zero.ctypes.data) for t, (one, zero) in _HOST_SCALARS.items()}
 
 
 def matmul(a, b):
