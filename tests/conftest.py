@@ -1,7 +1,8 @@
 """Shared fixtures: the ``device`` every test runs on, a fresh seed per test, random tensors.
 
 The suite runs on the CPU (NumPy) everywhere and once more on the GPU (CuPy) where one is
-present (it is not collected otherwise, so a CPU-only run shows only the three GPU-only tests as skips). Seeds come from the test's id, so a
+present (it is not collected otherwise, so a CPU-only run shows only the three GPU-only tests as skips;
+``MT_FAKE_CUDA=1`` runs the GPU copies against a CPU stand-in for CuPy, ``tests/fake_cupy.py``). Seeds come from the test's id, so a
 failure reproduces; set ``MT_TEST_SEED`` to draw a different (still reproducible) set.
 """
 import os
@@ -15,16 +16,25 @@ import minitransformer as mt
 BASE_SEED = int(os.environ.get("MT_TEST_SEED", "0"))
 
 
+# MT_FAKE_CUDA=1: "cuda" is a stand-in for CuPy on the CPU (tests/fake_cupy.py), so that the "cuda"
+# copies of the device-parametrised tests run without a GPU (CI does, after the plain run)
+FAKE_CUDA = os.environ.get("MT_FAKE_CUDA") == "1"
+if FAKE_CUDA:
+    import fake_cupy
+    fake_cupy.install()
+
 DEVICES = ["cpu"] + (["cuda"] if mt.cuda_is_available() else [])
 
-# test_kernels.py checks the fused GPU kernels against their array twins: it has nothing to run (and
-# is not collected) without a GPU, like the "cuda" copies of the device-parametrised tests.
-collect_ignore = [] if mt.cuda_is_available() else ["test_kernels.py"]
+# test_kernels.py checks the fused GPU kernels against their array twins, and capture, streams and
+# timing: it has nothing to run (and is not collected) without a real GPU, like the "cuda" copies of
+# the device-parametrised tests.
+collect_ignore = [] if mt.cuda_is_available() and not FAKE_CUDA else ["test_kernels.py"]
 
 
 @pytest.fixture(params=DEVICES)
 def device(request):
-    """The device a test runs on: always ``"cpu"``; ``"cuda"`` when CuPy sees a GPU."""
+    """The device a test runs on: always ``"cpu"``; ``"cuda"`` when CuPy sees a GPU (or, with
+    ``MT_FAKE_CUDA=1``, its stand-in on the CPU)."""
     if request.param == "cuda" and not mt.cuda_is_available():
         pytest.skip("no GPU/CuPy")
     return request.param
