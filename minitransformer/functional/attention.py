@@ -47,7 +47,8 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     try:
-        scores_shape = (*xp.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.shape[-2], k.shape[-2])
+        batch = q.shape[:-2] if q.shape[:-2] == k.shape[:-2] else xp.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+        scores_shape = (*batch, q.shape[-2], k.shape[-2])
     except ValueError:
         raise ValueError(f"{op}: batch axes of q {q.shape} and k {k.shape} cannot be broadcast") from None
     if mask is not None:

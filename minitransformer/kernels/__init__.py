@@ -357,7 +357,7 @@ def batched_matmul(a, b, out=None):
         return a @ b if out is None else cp.matmul(a, b, out=out)
     *lead, m, k = a.shape
     n = b.shape[-1]
-    batch = int(np.prod(lead))
+    batch = math.prod(lead)
     A, a_t = _operand(a)
     B, b_t = _operand(b)
     if out is None:

@@ -16,6 +16,7 @@ Three things differ from an eager step:
 import ctypes
 import ctypes.util
 import functools
+import math
 
 import numpy as np
 
@@ -144,7 +145,7 @@ def pinned_empty(shape, dtype):
     """``(memory, array)``: a host array in page-locked memory (the GPU copies to or from it
     asynchronously; keep ``memory`` alive as long as a copy or a graph may use it)."""
     dtype = np.dtype(dtype)
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     memory = backend.cupy().cuda.alloc_pinned_memory(max(size * dtype.itemsize, 1))
     return memory, np.frombuffer(memory, dtype=dtype, count=size).reshape(shape)
 
