@@ -330,8 +330,10 @@ def _eager_blas():
     not used lately are let go (every captured step or search has a stream of its own)."""
     if not OWN_HANDLE:
         return None
-    from .capture import Blas
     stream = backend.cupy().cuda.get_current_stream()
+    if _own_blas and next(reversed(_own_blas)) == stream.ptr:      # the stream of the last call
+        return _own_blas[stream.ptr]
+    from .capture import Blas
     blas = _own_blas.get(stream.ptr)
     if blas is None:
         blas = _own_blas[stream.ptr] = Blas(stream)
@@ -368,7 +370,8 @@ def batched_matmul(a, b, out=None):
         C = out
     # Row-major C = A B is column-major Cᵀ = Bᵀ Aᵀ: B's memory goes first.
     dtype_id, compute, compute_tf32 = _GEMM[a.dtype]
-    compute = compute_tf32 if backend.tf32_enabled() else compute
+    if compute_tf32 != compute and backend.tf32_enabled():       # float32 only
+        compute = compute_tf32
     args = (1 if b_t else 0, 1 if a_t else 0, n, m, k)
     if a.ndim == 2:
         blas.gemm(a.dtype, *args, B.data.ptr, k if b_t else n, A.data.ptr, m if a_t else k,

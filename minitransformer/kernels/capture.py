@@ -76,6 +76,10 @@ class Blas:
                                               ctypes.c_size_t(_WORKSPACE)), "cublasSetWorkspace")
         self._one = {np.dtype(np.float32): ctypes.c_float(1.0), np.dtype(np.float64): ctypes.c_double(1.0)}
         self._zero = {np.dtype(np.float32): ctypes.c_float(0.0), np.dtype(np.float64): ctypes.c_double(0.0)}
+        # per dtype, what an eager 2-D product passes every call: made once (host time is the
+        # small step's limit)
+        self._gemm = {t: (self.lib.cublasSgemm_v2 if t == np.float32 else self.lib.cublasDgemm_v2,
+                          ctypes.byref(self._one[t]), ctypes.byref(self._zero[t])) for t in self._one}
 
     def gemm_strided_batched(self, dtype, trans_a, trans_b, m, n, k, A, lda, stride_a, B, ldb, stride_b,
                              C, ldc, stride_c, batch, dtype_id, compute):
@@ -89,14 +93,14 @@ class Blas:
         """One 2-D product through the plain GEMM routines (sgemm/dgemm; GemmEx for TF32), as CuPy's
         ``@`` uses: as fast as it at base size (6.30 vs 6.38 ms for the vocabulary projection, H200,
         benchmarks/graph_diag.py)."""
-        one, zero = ctypes.byref(self._one[dtype]), ctypes.byref(self._zero[dtype])
+        gemm, one, zero = self._gemm[dtype]
         if dtype == np.float32 and compute != 68:       # TF32 tensor cores
             status = self.lib.cublasGemmEx(self.handle, trans_a, trans_b, m, n, k, one, A, dtype_id, lda,
                                            B, dtype_id, ldb, zero, C, dtype_id, ldc, compute, -1)
         else:
-            gemm = self.lib.cublasSgemm_v2 if dtype == np.float32 else self.lib.cublasDgemm_v2
             status = gemm(self.handle, trans_a, trans_b, m, n, k, one, A, lda, B, ldb, zero, C, ldc)
-        _check(status, "gemm")
+        if status:
+            _check(status, "gemm")
 
     def gemv(self, dtype, m, n, A, lda, x, y):
         """``y = A x`` for a column-major ``(m, n)`` matrix ``A`` (a bias gradient's column sums)."""
