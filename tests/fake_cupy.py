@@ -13,6 +13,8 @@ differ from NumPy's:
   raises ``TypeError``, as CuPy does (our ops must upload explicitly, ``backend.to_device``);
 - reductions and integer indexing give 0-d arrays, not NumPy scalars;
 - ``argsort`` is stable (CuPy's is);
+- inside ``no_host_reads()`` reading a device array on the host (``float()``, ``bool()``,
+  ``item()``, ``asnumpy``, ``get``…) raises: what makes a GPU step wait for the device;
 - the fused kernels run through ``tests/kernel_emulator.py`` (their CUDA C++ compiled for the CPU),
   beam search's top-k kernels excepted (not emulated: the array path picks the candidates);
 - cuBLAS's strided-batched GEMM, which attention calls on raw device pointers, is a NumPy product
@@ -23,8 +25,10 @@ events and CUDA-graph capture, the memory pool, our own cuBLAS handle through ``
 GPU's summation order (results agree with a GPU's to rounding), and CuPy's refusal of ``np.asarray``
 on a device array.
 """
+import contextlib
 import ctypes
 import functools
+import operator
 import sys
 import types
 
@@ -58,6 +62,31 @@ class FakeArray(np.ndarray):
             return np.asarray(result).view(FakeArray)
         return super().__getitem__((*parts, Ellipsis))
 
+    # reading a device array on the host waits for the GPU: refused inside ``no_host_reads()``
+    def __float__(self):
+        _host_read("float()")
+        return super().__float__()
+
+    def __int__(self):
+        _host_read("int()")
+        return super().__int__()
+
+    def __index__(self):
+        _host_read("an index")
+        return super().__index__()
+
+    def __bool__(self):
+        _host_read("bool()")
+        return super().__bool__()
+
+    def item(self, *args):
+        _host_read("item()")
+        return super().item(*args)
+
+    def tolist(self):
+        _host_read("tolist()")
+        return super().tolist()
+
     @property
     def data(self):
         """CuPy's ``MemoryPointer``, as far as we use it: ``.data.ptr``."""
@@ -65,7 +94,29 @@ class FakeArray(np.ndarray):
 
     def get(self):
         """A host copy (``cupy.ndarray.get``)."""
+        _host_read("get()")
         return np.array(self.view(np.ndarray))
+
+
+_reads_allowed = True
+
+
+def _host_read(what):
+    if not _reads_allowed:
+        raise RuntimeError(f"fake CuPy: {what} of a device array inside no_host_reads(): on a GPU the "
+                           f"host would wait here for every launch before it")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Device arrays may not be read on the host inside (as ``cupyx.allow_synchronize(False)``
+    refuses synchronising copies on a GPU; here also ``float()``, ``bool()``, ``item()``…)."""
+    global _reads_allowed
+    previous, _reads_allowed = _reads_allowed, False
+    try:
+        yield
+    finally:
+        _reads_allowed = previous
 
 
 def _host_view(x):
@@ -111,6 +162,12 @@ def _asarray(a, dtype=None):
     if isinstance(a, FakeArray):
         return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
     return np.array(a, dtype=dtype, copy=True).view(FakeArray)
+
+
+def _asnumpy(a):
+    if isinstance(a, FakeArray):
+        _host_read("asnumpy()")
+    return np.array(_host_view(a))
 
 
 def _array(a, dtype=None, copy=True):
@@ -166,7 +223,7 @@ def make():
             setattr(cupy, name, value)           # dtypes, inf, newaxis, …
     cupy.ndarray = FakeArray
     cupy.asarray, cupy.array = _asarray, _array
-    cupy.asnumpy = lambda a: np.array(_host_view(a))
+    cupy.asnumpy = _asnumpy
     cupy.argsort = _on_device(lambda a, axis=-1: np.argsort(a, axis=axis, kind="stable"), "argsort")
     cupy.random = types.SimpleNamespace(default_rng=lambda seed=None: _Generator(seed))
     stream = types.SimpleNamespace(ptr=0)
@@ -177,23 +234,26 @@ def make():
     return cupy
 
 
-def install():
+def install(patch=setattr, patch_item=operator.setitem):
     """Put the fake behind ``minitransformer.backend`` (``"cuda"`` becomes this CPU stand-in), the
-    fused kernels through the emulator, and cuBLAS's strided-batched GEMM through NumPy."""
+    fused kernels through the emulator, and cuBLAS's strided-batched GEMM through NumPy. (A test
+    passes ``monkeypatch.setattr`` and ``monkeypatch.setitem`` to install it for itself only.)"""
     from kernel_emulator import Emulator
     from minitransformer import backend, kernels
     from minitransformer.kernels import _source
 
-    backend._cupy = make()
-    kernels._kernel = Emulator([n for n in _source.NAMES if not n.startswith("beam_")]).kernel
-    kernels.TOPK_MAX = 0                          # beam search's top-k kernels are not emulated
+    patch(backend, "_cupy", make())
+    patch(kernels, "_kernel", Emulator([n for n in _source.NAMES if not n.startswith("beam_")]).kernel)
+    patch(kernels, "TOPK_MAX", 0)                 # beam search's top-k kernels are not emulated
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
     cublas.gemmStridedBatchedEx = _gemm_strided_batched_ex
     cublas.setPointerMode = lambda handle, mode: None
     package = None
     for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs"):
-        module = sys.modules.setdefault(name, types.ModuleType(name))
+        module = types.ModuleType(name)
+        patch_item(sys.modules, name, module)
         if package is not None:
             setattr(package, name.rsplit(".", 1)[1], module)
         package = module
-    package.cublas = sys.modules["cupy_backends.cuda.libs.cublas"] = cublas
+    package.cublas = cublas
+    patch_item(sys.modules, "cupy_backends.cuda.libs.cublas", cublas)

@@ -65,3 +65,46 @@ def test_strided_batched_gemm_reads_and_writes_as_cublas(dtype, trans_a, trans_b
     op_a = A.swapaxes(1, 2) if trans_a == 0 else A
     op_b = B.swapaxes(1, 2) if trans_b == 0 else B
     np.testing.assert_allclose(C.swapaxes(1, 2), op_a @ op_b, rtol=1e-5)
+
+
+@pytest.fixture
+def installed(monkeypatch):
+    """The stand-in behind the package, for this test only ("cuda" is the CPU stand-in)."""
+    from minitransformer import backend
+    try:
+        fake_cupy.install(monkeypatch.setattr, monkeypatch.setitem)
+    except RuntimeError as e:
+        pytest.skip(f"the kernel emulator needs a C++ compiler ({e})")
+    return backend.cupy()
+
+
+def test_host_reads_are_refused_inside_no_host_reads():
+    x = cp.ones(3)
+    with fake_cupy.no_host_reads():
+        for read in (lambda: float(x.sum()), lambda: bool(x[0]), lambda: x.sum().item(), lambda: x.get(),
+                     lambda: cp.asnumpy(x), lambda: int(x[0]), lambda: x.tolist()):
+            with pytest.raises(RuntimeError, match="inside no_host_reads"):
+                read()
+        y = (x * 2).sum()                                            # device work is fine
+    assert float(y) == 6.0                                           # and reading, after
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_a_training_step_on_the_gpu_code_path_reads_nothing_back(installed, dropout):
+    """What ``tests/test_kernels.py`` checks on a GPU with ``cupyx.allow_synchronize(False)``: no
+    host read inside ``train_step`` (the loss stays on the device), here on every CI run."""
+    import minitransformer as mt
+    from minitransformer.data import collate
+    from minitransformer.optim import Adam, NoamSchedule
+    from minitransformer.train import train_step
+    mt.manual_seed(0)
+    model = mt.nn.Transformer(vocab_size=30, d_model=16, num_heads=4, num_layers=2, d_ff=32, dropout=dropout).to("cuda")
+    opt = Adam(model.parameters(), lr=1e-3)
+    schedule = NoamSchedule(opt, 16, warmup_steps=10)
+    batch = collate([[5, 6, 7, 8], [9, 10]], [[8, 7, 6, 5], [10, 9]])
+    train_step(model, opt, schedule, batch)                         # first step: buffers appear
+    with fake_cupy.no_host_reads():
+        losses = [train_step(model, opt, schedule, batch) for _ in range(3)]
+    assert all(isinstance(loss, installed.ndarray) for loss in losses)
+    values = [float(loss) for loss in losses]
+    assert np.all(np.isfinite(values)) and values[2] < values[0]    # it trains
