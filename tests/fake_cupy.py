@@ -1,6 +1,6 @@
 """A stand-in for CuPy on the CPU, so that the suite's ``cuda`` tests run on a machine without a GPU:
 
-    MT_FAKE_CUDA=1 python -m pytest -q -k cuda        (CI runs this after the README's test command)
+    MT_FAKE_CUDA=1 python -m pytest -q -k "cuda or cupy"    (CI runs this after the README's test command)
 
 Why: the GPU code path (the fused kernels' wrappers, device-resident ids and masks, attention's
 strided-batched GEMMs, Adam's one launch, the walk over CuPy arrays) otherwise runs only when a GPU
