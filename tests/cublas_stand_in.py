@@ -2,8 +2,8 @@
 ``ctypes`` (a captured step's products, and the eager ones with ``kernels.OWN_HANDLE``), written as
 plain column-major loops in C with cuBLAS's signatures, so that what we pass them — operand order,
 transposes, leading dimensions, strides, α and β, the handle's stream and workspace — is checked
-without a GPU. Its file is named ``libcublas.so.0``: once loaded, ``capture._libcublas`` finds it in
-the process's memory map as it finds CuPy's on a GPU machine.
+without a GPU. Tests hand it to ``capture.bind`` in place of the library ``capture._libcublas``
+finds (on a GPU machine, the real one: the stand-in must not meet device pointers).
 """
 import ctypes
 import hashlib
@@ -90,7 +90,7 @@ def load():
     digest = hashlib.sha1(SOURCE.encode()).hexdigest()[:16]
     build = Path(tempfile.gettempdir()) / f"mt-cublas-stand-in-{digest}"
     build.mkdir(exist_ok=True)
-    lib = build / "libcublas.so.0"
+    lib = build / "libcublas_stand_in.so"
     if not lib.exists():   # built under this process's names, then moved: parallel test workers race
         source, built = build / f"stand_in.{os.getpid()}.cpp", build / f"libcublas.{os.getpid()}.so"
         source.write_text(SOURCE)

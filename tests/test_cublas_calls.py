@@ -5,7 +5,6 @@ order, transposes, leading dimensions, strides and the handle's stream and works
 right, and otherwise only a GPU would tell. (The real library's numbers: ``tests/test_kernels.py``.)"""
 import ctypes
 import os
-import sys
 import types
 
 import numpy as np
@@ -33,14 +32,11 @@ def cp(monkeypatch):
     if not isinstance(backend._cupy, types.ModuleType) or not hasattr(backend._cupy, "ndarray") \
             or backend._cupy.ndarray is not fake_cupy.FakeArray:
         monkeypatch.setattr(backend, "_cupy", fake_cupy.make())
-    for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs", "cupy_backends.cuda.libs.cublas"):
-        if name not in sys.modules:     # capture._libcublas imports CuPy's binding first (it loads the library)
-            monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    capture._libcublas.cache_clear()
+    # the stand-in itself, not the library capture._libcublas would find (on a GPU machine, the real one)
+    monkeypatch.setattr(capture, "_libcublas", lambda: bound)
+    bound = capture.bind(library)
     monkeypatch.setattr(kernels, "_own_blas", type(kernels._own_blas)())
-    yield backend.cupy()
-    capture._libcublas.cache_clear()
-    assert library is not None
+    return backend.cupy()
 
 
 def _device(cp, rng, shape, dtype):

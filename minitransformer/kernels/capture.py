@@ -44,7 +44,11 @@ def _libcublas():
         path = ctypes.util.find_library("cublas")
     if path is None:
         raise RuntimeError("CUDA graph capture: cannot find libcublas (needed to call cuBLAS while capturing)")
-    lib = ctypes.CDLL(path)
+    return bind(ctypes.CDLL(path))
+
+
+def bind(lib):
+    """The cuBLAS entry points we call, given their C signatures (``ctypes`` passes them exactly)."""
     p, i, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
     lib.cublasGemmStridedBatchedEx.argtypes = [p, i, i, i, i, i, p, p, i, i, ll, p, i, i, ll, p, p, i, i, ll, i, i, i]
     lib.cublasGemmEx.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
