@@ -18,25 +18,46 @@ differ from NumPy's:
 - the fused kernels run through ``tests/kernel_emulator.py`` (their CUDA C++ compiled for the CPU),
   beam search's top-k kernels excepted (not emulated: the array path picks the candidates);
 - cuBLAS's strided-batched GEMM, which attention calls on raw device pointers, is a NumPy product
-  reading and writing the same addresses (column-major, transposes and strides as cuBLAS takes them).
+  reading and writing the same addresses (column-major, transposes and strides as cuBLAS takes them),
+  and our own cuBLAS handle (``kernels/capture.py``, through ``ctypes``) calls the C stand-in of
+  ``tests/cublas_stand_in.py``;
+- CUDA graphs: while a stream captures, every operation (kernel, product, element-wise op, copy,
+  gather, write) still runs — the Python around it needs the shapes — but is also recorded, and the
+  device memory that existed before is put back when the capture ends, so that, as on a GPU, the
+  capture changes nothing and each launch does the work, reading its inputs as they are then; what
+  the capture allocated lives as long as the graph (its private pool). ``empty`` gives zeros here, not
+  garbage: a capture indexes with buffers that only a replay fills.
 
-Not modelled (``tests/test_kernels.py`` tests them on a real GPU and is not collected here): streams,
-events and CUDA-graph capture, the memory pool, our own cuBLAS handle through ``ctypes``, TF32, the
-GPU's summation order (results agree with a GPU's to rounding), and CuPy's refusal of ``np.asarray``
-on a device array.
+With it, ``tests/test_kernels.py`` runs too (captured training steps and beam searches replayed
+against eager ones included); ``tests/conftest.py`` names the few of its tests that need the real
+GPU. Not modelled: TF32, the GPU's summation order (results agree with a GPU's to rounding),
+concurrency between streams, the memory pool's reuse of blocks, and CuPy's refusal of
+``np.asarray`` on a device array.
 """
 import contextlib
 import ctypes
 import functools
+import itertools
 import operator
 import sys
 import types
+import weakref
 
 import numpy as np
 
 
 class FakeArray(np.ndarray):
     """A "device" array: NumPy underneath, CuPy's type and conventions on top."""
+
+    def __array_finalize__(self, obj):
+        root = self
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        key = id(root)                     # the device memory a capture must leave as it found it
+        if key not in _memory:
+            _memory[key] = weakref.ref(root, lambda _, key=key: _memory.pop(key, None))
+            if _capturing:                 # made while capturing: the graph's pool keeps it
+                _pool.append(root)
 
     def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
         outs = kwargs.get("out", ())
@@ -45,22 +66,60 @@ class FakeArray(np.ndarray):
         inputs = tuple(_host_view(x) for x in inputs)
         if outs:
             kwargs["out"] = tuple(_host_view(x) for x in outs)
-        result = getattr(ufunc, method)(*inputs, **kwargs)
+        run = getattr(ufunc, method)
+        result = run(*inputs, **kwargs)
         if method == "at":
+            _record(lambda: run(*inputs, **kwargs))
             return None
         if outs:
+            _record(lambda: run(*inputs, **kwargs))
             return outs[0] if len(outs) == 1 else outs
-        return _device(result)
+        result = _device(result)
+        if _recording is not None:         # replayed into the same array
+            into = tuple(_host_view(r) for r in result) if isinstance(result, tuple) else (_host_view(result),)
+            _record(lambda: run(*inputs, **kwargs, out=into))
+        return result
 
     def __getitem__(self, index):
         result = super().__getitem__(index)
         if isinstance(result, np.ndarray):
+            if _recording is not None and not np.may_share_memory(result, self):   # a gather: a kernel
+                _record_copy(result, lambda: np.ndarray.__getitem__(self, index))
             return result
         # one element: CuPy gives a 0-d view, NumPy a scalar
         parts = index if isinstance(index, tuple) else (index,)
         if any(p is Ellipsis for p in parts):
-            return np.asarray(result).view(FakeArray)
+            return _recorded_copy(np.asarray(result).view(FakeArray), lambda: np.ndarray.__getitem__(self, index))
         return super().__getitem__((*parts, Ellipsis))
+
+    def __setitem__(self, index, value):
+        value = _host_view(value) if isinstance(value, FakeArray) else value
+        np.ndarray.__setitem__(self, index, value)
+        _record(lambda: np.ndarray.__setitem__(self, index, value))
+
+    def fill(self, value):
+        np.ndarray.fill(self, value)
+        _record(lambda: np.ndarray.fill(self, value))
+
+    def astype(self, dtype, copy=True, **kwargs):
+        return _recorded_copy(np.ndarray.astype(self, dtype, copy=copy, **kwargs),
+                              lambda: np.ndarray.astype(self, dtype, copy=copy, **kwargs), self)
+
+    def copy(self, order="C"):
+        return _recorded_copy(np.ndarray.copy(self, order), lambda: np.ndarray.copy(self, order))
+
+    def take(self, *args, **kwargs):
+        return _recorded_copy(np.ndarray.take(self, *args, **kwargs), lambda: np.ndarray.take(self, *args, **kwargs))
+
+    def argmax(self, *args, **kwargs):
+        return _recorded_copy(np.ndarray.argmax(self, *args, **kwargs), lambda: np.ndarray.argmax(self, *args, **kwargs))
+
+    def reshape(self, *shape, **kwargs):             # a copy when the layout needs one
+        return _recorded_copy(np.ndarray.reshape(self, *shape, **kwargs),
+                              lambda: np.ndarray.reshape(self, *shape, **kwargs), self)
+
+    def ravel(self, order="C"):
+        return _recorded_copy(np.ndarray.ravel(self, order), lambda: np.ndarray.ravel(self, order), self)
 
     # reading a device array on the host waits for the GPU: refused inside ``no_host_reads()``
     def __float__(self):
@@ -119,6 +178,127 @@ def no_host_reads():
         _reads_allowed = previous
 
 
+# ---- CUDA graphs: a capture records what the GPU would run, and runs nothing ---------------------
+# Here every operation runs when it is called (its shapes and the Python around it need that), is
+# recorded while a stream captures, and the device memory that existed when the capture began is put
+# back when it ends: as on a GPU, where a capture runs nothing, a replay then does the whole work.
+
+_memory = {}                     # id -> weak reference of every root array of device memory
+_recording = None                # the operations of the graph being captured, or None
+_pool = []                       # the memory allocated while capturing
+_capturing = False
+
+
+def _record(operation):
+    if _recording is not None:
+        _recording.append(operation)
+
+
+def _record_copy(result, compute):
+    """Record ``result[...] = compute()``: an operation that makes a new array, replayed into it."""
+    target = _host_view(result)
+    _record(lambda: np.copyto(target, compute(), casting="unsafe"))
+
+
+def _recorded_copy(result, compute, source=None):
+    """``result`` as a device array, recorded unless it is a view (of ``source``: views cost nothing)."""
+    result = _device(result)
+    if _recording is not None and isinstance(result, np.ndarray) and (
+            source is None or not np.may_share_memory(result, source)):
+        _record_copy(result, compute)
+    return result
+
+
+class _Graph:
+    def __init__(self, operations, memory):
+        self.operations = operations
+        self.memory = memory       # what the capture allocated: its operations use it at every launch
+
+    def launch(self, stream=None):
+        for operation in self.operations:
+            operation()
+
+
+class _Stream:
+    """``cupy.cuda.Stream``: a current-stream context and capture; the work itself runs in order."""
+    _addresses = itertools.count(1)
+    null = None
+
+    def __init__(self, non_blocking=False, ptr=None):
+        self.ptr = next(self._addresses) << 8 if ptr is None else ptr
+
+    def __enter__(self):
+        _streams.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _streams.pop()
+
+    def synchronize(self):
+        pass
+
+    def begin_capture(self, mode=None):
+        global _recording, _saved, _capturing
+        if _recording is not None:
+            raise RuntimeError("fake CuPy: a capture is already running")
+        roots = [ref() for ref in list(_memory.values())]
+        _saved = [(root, np.array(_host_view(root))) for root in roots if root is not None]
+        _pool.clear()
+        _recording, _capturing = [], True
+
+    def is_capturing(self):
+        return _recording is not None
+
+    def end_capture(self):
+        global _recording, _saved, _capturing
+        operations, _recording, _capturing = _recording, None, False
+        for root, contents in _saved:                 # the capture ran nothing on the "GPU"
+            np.copyto(_host_view(root), contents)
+        _saved = []
+        memory = list(_pool)
+        _pool.clear()
+        return _Graph(operations, memory)
+
+
+_streams = [_Stream(ptr=0)]
+_saved = []
+
+
+def _memcpy_async(destination, source, nbytes, kind, stream):
+    ctypes.memmove(destination, source, nbytes)
+    _record(lambda: ctypes.memmove(destination, source, nbytes))
+
+
+class _Event:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+
+class _RecordedLibrary:
+    """A ``ctypes`` library whose calls a capture records (our cuBLAS handle's, ``kernels.capture``)."""
+
+    def __init__(self, library):
+        self._library = library
+
+    def __getattr__(self, name):
+        function = getattr(self._library, name)
+
+        def call(*args):
+            status = function(*args)
+            _record(lambda: function(*args))
+            return status
+        return call
+
+
 def _host_view(x):
     return x.view(np.ndarray) if isinstance(x, FakeArray) else x
 
@@ -147,21 +327,46 @@ def _refuse_host_arrays(name, arguments):
                             f"CuPy raises 'Unsupported type <class 'numpy.ndarray'>' (upload it first)")
 
 
+_ALLOCATE_ONLY = {"empty", "empty_like"}     # no work to replay
+_IN_PLACE = {"copyto", "put", "place", "putmask", "put_along_axis", "fill_diagonal"}   # they write an argument
+
+
 def _on_device(fn, name, host_arguments=False):
-    """A NumPy function as CuPy's: device arguments in, device arrays out."""
+    """A NumPy function as CuPy's: device arguments in, device arrays out; while a stream captures,
+    recorded as one operation (what it computes, written again into the array it returned)."""
     @functools.wraps(fn)
     def call(*args, **kwargs):
+        global _recording
         if not host_arguments:
             _refuse_host_arrays(name, (*args, *kwargs.values()))
-        return _device(fn(*args, **kwargs))
+        recording, _recording = _recording, None     # its inner ufuncs are not operations of their own
+        try:
+            result = _device(fn(*args, **kwargs))
+        finally:
+            _recording = recording
+        if recording is not None and name not in _ALLOCATE_ONLY:
+            if "out" in kwargs or name in _IN_PLACE:
+                _record(lambda: fn(*args, **kwargs))
+            elif isinstance(result, np.ndarray) and not any(
+                    isinstance(a, np.ndarray) and np.may_share_memory(result, a) for a in _arrays(args, kwargs)):
+                _record_copy(result, lambda: fn(*args, **kwargs))
+        return result
     return call
+
+
+def _arrays(args, kwargs):
+    for x in (*args, *kwargs.values()):
+        if isinstance(x, (list, tuple)):
+            yield from x
+        else:
+            yield x
 
 
 def _asarray(a, dtype=None):
     """``cupy.asarray``: a device array as it is (or converted), host data uploaded (a copy)."""
     if isinstance(a, FakeArray):
         return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
-    return np.array(a, dtype=dtype, copy=True).view(FakeArray)
+    return _recorded_copy(np.array(a, dtype=dtype, copy=True), lambda: np.array(a, dtype=dtype))
 
 
 def _asnumpy(a):
@@ -222,15 +427,23 @@ def make():
         elif not name.startswith("_"):
             setattr(cupy, name, value)           # dtypes, inf, newaxis, …
     cupy.ndarray = FakeArray
+    # zeroed, not garbage: a capture here runs its operations, and some index with what a replay
+    # will have copied into an empty buffer first
+    cupy.empty, cupy.empty_like = _on_device(np.zeros, "empty"), _on_device(np.zeros_like, "empty_like")
     cupy.asarray, cupy.array = _asarray, _array
     cupy.asnumpy = _asnumpy
     cupy.argsort = _on_device(lambda a, axis=-1: np.argsort(a, axis=axis, kind="stable"), "argsort")
     cupy.random = types.SimpleNamespace(default_rng=lambda seed=None: _Generator(seed))
-    stream = types.SimpleNamespace(ptr=0)
     cupy.cuda = types.SimpleNamespace(
-        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
-        get_current_stream=lambda: stream,
-        device=types.SimpleNamespace(get_cublas_handle=lambda: 0))
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, memcpyAsync=_memcpy_async,
+                                      memcpyHostToDevice=1, memcpyDeviceToHost=2),
+        get_current_stream=lambda: _streams[-1],
+        device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
+        Device=lambda *args: types.SimpleNamespace(synchronize=lambda: None),
+        Stream=_Stream, Event=_Event, Graph=_Graph,
+        MemoryPool=lambda *args: types.SimpleNamespace(malloc=None),
+        using_allocator=lambda allocator=None: contextlib.nullcontext(),
+        alloc_pinned_memory=lambda nbytes: bytearray(nbytes))
     return cupy
 
 
@@ -238,16 +451,37 @@ def install(patch=setattr, patch_item=operator.setitem):
     """Put the fake behind ``minitransformer.backend`` (``"cuda"`` becomes this CPU stand-in), the
     fused kernels through the emulator, and cuBLAS's strided-batched GEMM through NumPy. (A test
     passes ``monkeypatch.setattr`` and ``monkeypatch.setitem`` to install it for itself only.)"""
+    import cublas_stand_in
     from kernel_emulator import Emulator
     from minitransformer import backend, kernels
-    from minitransformer.kernels import _source
+    from minitransformer.kernels import _source, capture
 
     patch(backend, "_cupy", make())
-    patch(kernels, "_kernel", Emulator([n for n in _source.NAMES if not n.startswith("beam_")]).kernel)
+    emulated = Emulator([n for n in _source.NAMES if not n.startswith("beam_")]).kernel
+
+    @functools.lru_cache(maxsize=None)
+    def kernel(name, dtype):
+        launch = emulated(name, dtype)
+
+        def recorded(grid, block, args):
+            launch(grid, block, args)
+            _record(lambda: launch(grid, block, args))
+        return recorded
+    patch(kernels, "_kernel", kernel)
     patch(kernels, "TOPK_MAX", 0)                 # beam search's top-k kernels are not emulated
+    # our own cuBLAS handle (captured products, OWN_HANDLE): the CPU stand-in, its calls recorded
+    library = _RecordedLibrary(capture.bind(cublas_stand_in.load()))
+    patch(capture, "_libcublas", lambda: library)
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
-    cublas.gemmStridedBatchedEx = _gemm_strided_batched_ex
+
+    def gemm_strided_batched_ex(*args):
+        _gemm_strided_batched_ex(*args)
+        _record(lambda: _gemm_strided_batched_ex(*args))
+    cublas.gemmStridedBatchedEx = gemm_strided_batched_ex
     cublas.setPointerMode = lambda handle, mode: None
+    cupyx = types.ModuleType("cupyx")
+    cupyx.allow_synchronize = lambda allow: contextlib.nullcontext() if allow else no_host_reads()
+    patch_item(sys.modules, "cupyx", cupyx)
     package = None
     for name in ("cupy_backends", "cupy_backends.cuda", "cupy_backends.cuda.libs"):
         module = types.ModuleType(name)

@@ -108,3 +108,24 @@ def test_a_training_step_on_the_gpu_code_path_reads_nothing_back(installed, drop
     assert all(isinstance(loss, installed.ndarray) for loss in losses)
     values = [float(loss) for loss in losses]
     assert np.all(np.isfinite(values)) and values[2] < values[0]    # it trains
+
+
+def test_a_capture_runs_nothing_and_a_replay_does_the_work():
+    """As a CUDA graph: while a stream captures, device memory that existed keeps its values (the
+    operations run here only for their shapes and are put back), and each launch redoes them, reading
+    the inputs as they are then; what the capture allocated lives as long as the graph."""
+    x, y = cp.ones(4), cp.zeros(4)
+    stream = cp.cuda.Stream()
+    with stream:
+        stream.begin_capture()
+        z = x * 2                                   # allocated by the capture
+        y[...] = z + 1
+        y += x.sum()
+        graph = stream.end_capture()
+    np.testing.assert_array_equal(y.get(), np.zeros(4))         # nothing ran
+    graph.launch(stream)
+    np.testing.assert_array_equal(y.get(), np.full(4, 7.0))     # 2 + 1 + 4
+    x[...] = 3
+    graph.launch(stream)
+    np.testing.assert_array_equal(y.get(), np.full(4, 19.0))    # 6 + 1 + 12: inputs read at launch
+    assert any(np.may_share_memory(z, m) for m in graph.memory)
