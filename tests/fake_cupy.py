@@ -269,6 +269,22 @@ def _memcpy_async(destination, source, nbytes, kind, stream):
     _record(lambda: ctypes.memmove(destination, source, nbytes))
 
 
+class _MemoryPool:
+    """Just enough of ``cupy.cuda.MemoryPool`` for the benchmarks' bookkeeping: the bytes of all live
+    device memory (there is one pool here, NumPy's heap)."""
+
+    def malloc(self, size):
+        raise NotImplementedError("fake CuPy: allocations do not go through a pool")
+
+    def used_bytes(self):
+        return sum(root.nbytes for root in (ref() for ref in list(_memory.values())) if root is not None)
+
+    total_bytes = used_bytes
+
+
+_default_pool = _MemoryPool()
+
+
 class _Event:
     def __init__(self, *args, **kwargs):
         pass
@@ -434,6 +450,7 @@ def make():
     cupy.asnumpy = _asnumpy
     cupy.argsort = _on_device(lambda a, axis=-1: np.argsort(a, axis=axis, kind="stable"), "argsort")
     cupy.random = types.SimpleNamespace(default_rng=lambda seed=None: _Generator(seed))
+    cupy.get_default_memory_pool = lambda: _default_pool
     cupy.cuda = types.SimpleNamespace(
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, memcpyAsync=_memcpy_async,
                                       memcpyHostToDevice=1, memcpyDeviceToHost=2),
@@ -441,7 +458,7 @@ def make():
         device=types.SimpleNamespace(get_cublas_handle=lambda: 0),
         Device=lambda *args: types.SimpleNamespace(synchronize=lambda: None),
         Stream=_Stream, Event=_Event, Graph=_Graph,
-        MemoryPool=lambda *args: types.SimpleNamespace(malloc=None),
+        MemoryPool=_MemoryPool, set_allocator=lambda allocator=None: None,
         using_allocator=lambda allocator=None: contextlib.nullcontext(),
         alloc_pinned_memory=lambda nbytes: bytearray(nbytes))
     return cupy

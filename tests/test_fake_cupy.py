@@ -1,5 +1,7 @@
 """The CPU stand-in for CuPy (``tests/fake_cupy.py``, behind ``MT_FAKE_CUDA=1``) keeps the CuPy
 conventions the "cuda" tests rely on it for: were it laxer, those tests would pass where a GPU fails."""
+import types
+
 import numpy as np
 import pytest
 
@@ -129,3 +131,28 @@ def test_a_capture_runs_nothing_and_a_replay_does_the_work():
     graph.launch(stream)
     np.testing.assert_array_equal(y.get(), np.full(4, 19.0))    # 6 + 1 + 12: inputs read at launch
     assert any(np.may_share_memory(z, m) for m in graph.memory)
+
+
+def test_the_gpu_step_benchmarks_own_sides_run_on_the_stand_in(installed):
+    """``benchmarks/train_step.py --device cuda --cuda-graph --three-products --own-handle``: our four
+    sides (eager, replayed graph, three products, own cuBLAS handle) set up and alternate as on a GPU,
+    so a GPU session does not find a broken benchmark (PyTorch's side needs a real GPU). No timing."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        import train_step as bench
+    finally:
+        sys.path.pop(0)
+    args = types.SimpleNamespace(dropout=0.1, cuda_graph=True, three_products=True, own_handle=True,
+                                 tf32=False, warmup=1, rounds=2, steps=1)
+    c = bench.CONFIGS["micro"]
+    sides = {"ours": bench.setup_ours(c, "cuda", args),
+             "ours_graph": bench.setup_ours(c, "cuda", args, graph=True),
+             "ours_3prod": bench.setup_ours(c, "cuda", args, one_product=False, extra=True),
+             "ours_handle": bench.own_handle_side(bench.setup_ours(c, "cuda", args, extra=True))}
+    result = bench.measure(sides, args)
+    assert set(result) == set(sides)
+    for name, (seconds, peak, rounds) in result.items():
+        assert seconds > 0 and len(rounds) == 2, name
+    assert result["ours"][1] > 0 and result["ours_graph"][1] > 0      # peaks measured where they should be
