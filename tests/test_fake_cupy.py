@@ -156,3 +156,22 @@ def test_the_gpu_step_benchmarks_own_sides_run_on_the_stand_in(installed):
     for name, (seconds, peak, rounds) in result.items():
         assert seconds > 0 and len(rounds) == 2, name
     assert result["ours"][1] > 0 and result["ours_graph"][1] > 0      # peaks measured where they should be
+
+
+def test_the_gpu_decode_benchmark_runs_on_the_stand_in(installed, monkeypatch, capsys):
+    """``benchmarks/decode.py --device cuda --cuda-graph``, whole: cached, uncached and replayed searches
+    (kept and cold) give the same hypotheses, and the graph variant does not fail."""
+    import json
+    import runpy
+    import sys
+    from pathlib import Path
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    monkeypatch.setattr(sys, "argv", ["decode.py", "--device", "cuda", "--config", "micro", "--cuda-graph",
+                                      "--batch", "3", "--length", "12", "--source-length", "5",
+                                      "--repeat", "1", "--json"])
+    runpy.run_path(str(benchmarks / "decode.py"), run_name="__main__")
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "graph_error" not in result, result.get("graph_error")
+    assert result["same_output"] is True
+    assert {"cached", "uncached", "graph", "graph_cold"} <= set(result)
