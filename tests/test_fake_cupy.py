@@ -175,3 +175,26 @@ def test_the_gpu_decode_benchmark_runs_on_the_stand_in(installed, monkeypatch, c
     assert "graph_error" not in result, result.get("graph_error")
     assert result["same_output"] is True
     assert {"cached", "uncached", "graph", "graph_cold"} <= set(result)
+
+
+def test_the_main_job_with_cuda_graphs_runs_on_the_stand_in(installed, monkeypatch, tmp_path, capsys):
+    """``minitransformer train --device cuda --cuda-graph`` then ``evaluate --cuda-graph`` (training
+    steps and beam searches replayed as graphs) on the sample corpus, in this process."""
+    import json
+    import re
+    from pathlib import Path
+    from minitransformer.cli import main
+    monkeypatch.setenv("MINITRANSFORMER_CACHE", str(tmp_path / "cache"))
+    sample = Path(__file__).resolve().parent / "data" / "spa_sample.tsv"
+    quick = ["--preset", "tiny", "--vocab-size", "300", "--max-tokens", "400", "--eval-every", "8",
+             "--checkpoint-every", "4", "--test-limit", "4", "--beam", "2", "--no-progress", "--steps", "8"]
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(sample), *quick, "--device", "cuda", "--cuda-graph", "--out", str(run)]) == 0
+    captured = capsys.readouterr()
+    said = re.search(r"CUDA graphs: (\d+) batch shapes captured, (\d+) steps replayed", captured.out + captured.err)
+    assert said and int(said[1]) >= 1 and int(said[2]) >= 1, captured.out + captured.err
+    assert (run / "last.npz").exists() and (run / "bleu.json").exists()
+    assert main(["evaluate", "--checkpoint", str(run), "--device", "cuda", "--cuda-graph", "--limit", "4",
+                 "--no-progress"]) == 0
+    assert "BLEU" in capsys.readouterr().out
+    assert json.loads((run / "bleu.json").read_text())["bleu"] >= 0
