@@ -29,12 +29,12 @@ DEVICES = ["cpu"] + (["cuda"] if mt.cuda_is_available() else [])
 # CUDA graphs: it has nothing to run (and is not collected) without a GPU or its stand-in, like the
 # "cuda" copies of the device-parametrised tests.
 collect_ignore = [] if mt.cuda_is_available() else ["test_kernels.py"]
+if FAKE_CUDA:     # these install the stand-in themselves: the plain run has them
+    collect_ignore += ["test_fake_cupy.py", "test_cublas_calls.py"]
 
 # What the CPU stand-in cannot show (tests/fake_cupy.py): these need the real GPU
 NEEDS_A_REAL_GPU = {
     "test_tf32_is_one_switch_and_off_by_default": "TF32 rounding happens in the GPU's tensor cores",
-    "test_beam_candidates_kernel_picks_what_top_k_picks_on_the_formed_sums": "beam search's top-k kernels are not emulated",
-    "test_beam_candidates_kernel_rejects_what_it_cannot_do": "beam search's top-k kernels are not emulated",
     "test_own_handle_products_and_bias_sums_match_cupys": "it compares with real cuBLAS (the stand-in's own test: test_cublas_calls.py)",
     "test_log_softmax_matches_the_array_version[shape3-float32]":
         "2,000 float32 terms summed in a row by one emulated thread round more than the GPU's tree",

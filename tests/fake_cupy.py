@@ -15,8 +15,8 @@ differ from NumPy's:
 - ``argsort`` is stable (CuPy's is);
 - inside ``no_host_reads()`` reading a device array on the host (``float()``, ``bool()``,
   ``item()``, ``asnumpy``, ``get``…) raises: what makes a GPU step wait for the device;
-- the fused kernels run through ``tests/kernel_emulator.py`` (their CUDA C++ compiled for the CPU),
-  beam search's top-k kernels excepted (not emulated: the array path picks the candidates);
+- the fused kernels, beam search's top-k kernels among them, run through ``tests/kernel_emulator.py``
+  (their CUDA C++ compiled for the CPU);
 - cuBLAS's strided-batched GEMM, which attention calls on raw device pointers, is a NumPy product
   reading and writing the same addresses (column-major, transposes and strides as cuBLAS takes them),
   and our own cuBLAS handle (``kernels/capture.py``, through ``ctypes``) calls the C stand-in of
@@ -474,7 +474,7 @@ def install(patch=setattr, patch_item=operator.setitem):
     from minitransformer.kernels import _source, capture
 
     patch(backend, "_cupy", make())
-    emulated = Emulator([n for n in _source.NAMES if not n.startswith("beam_")]).kernel
+    emulated = Emulator(list(_source.NAMES)).kernel
 
     @functools.lru_cache(maxsize=None)
     def kernel(name, dtype):
@@ -485,7 +485,7 @@ def install(patch=setattr, patch_item=operator.setitem):
             _record(lambda: launch(grid, block, args))
         return recorded
     patch(kernels, "_kernel", kernel)
-    patch(kernels, "TOPK_MAX", 0)                 # beam search's top-k kernels are not emulated
+
     # our own cuBLAS handle (captured products, OWN_HANDLE): the CPU stand-in, its calls recorded
     library = _RecordedLibrary(capture.bind(cublas_stand_in.load()))
     patch(capture, "_libcublas", lambda: library)

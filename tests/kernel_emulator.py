@@ -6,11 +6,10 @@ How: ``kernels._source`` is compiled with a few macros that make CUDA C++ plain 
 (``blockIdx``/``threadIdx`` are globals), plus a C entry point per emulated kernel. A kernel that synchronises its
 block (``block_reduce``, ``__syncthreads``) runs with one thread per block: these kernels stride
 their loops by ``blockDim.x``, so one thread does the whole row, and ``block_reduce`` of one value is
-that value. Other kernels run every thread of every block in turn. A ``cupy`` stand-in made of NumPy
+that value (beam search's top-k kernels: one thread keeps the whole list, and merging one list is
+taking it). Other kernels run every thread of every block in turn. A ``cupy`` stand-in made of NumPy
 calls stands behind ``backend.cupy()``. The GPU's warp-level summation order is not reproduced:
-results agree with the GPU's to rounding, not bitwise. Beam search's top-k kernels need their real
-block of threads (their lists are merged across threads: with one thread they pick wrong
-candidates): they are not emulated.
+results agree with the GPU's to rounding, not bitwise.
 """
 import ctypes
 import hashlib
@@ -68,6 +67,21 @@ def _kernel_source(name):
     return match.group(0)
 
 
+def _synchronises(source):
+    """Whether a kernel synchronises its block, itself or through the device functions it calls
+    (``block_reduce``, beam search's ``topk_block_merge``): then it runs with one thread a block."""
+    syncing = {"__syncthreads", "block_reduce"}
+    functions = dict(re.findall(r"__device__[^(]*?\b(\w+)\((.*?)\n}\n", _source.PRELUDE + _source.KERNELS, re.S))
+    grew = True
+    while grew:                     # device functions that call a synchronising one synchronise
+        grew = False
+        for name, body in functions.items():
+            if name not in syncing and any(re.search(rf"\b{s}\b", body) for s in syncing):
+                syncing.add(name)
+                grew = True
+    return any(re.search(rf"\b{s}\b", source) for s in syncing)
+
+
 def _parameters(source):
     """``[(C type, name)]`` of a kernel's parameter list."""
     params = source[source.index("(") + 1:source.index(")")]
@@ -113,7 +127,7 @@ class Emulator:
                                  for c, n in self.params[name])
                 call = ", ".join(f"({c.replace('T', t) if c in ('T', 'T*') else c}){n}"
                                  for c, n in self.params[name])
-                one_thread = "block_reduce" in src or "__syncthreads" in src
+                one_thread = _synchronises(src)
                 wrappers.append(f"""
 extern "C" void run_{name}_{t}(unsigned grid_x_, unsigned grid_y_, unsigned block_x_, {decl}) {{
     gridDim.x = grid_x_; gridDim.y = grid_y_; blockDim.x = {1 if one_thread else "block_x_"};
