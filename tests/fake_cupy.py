@@ -17,10 +17,9 @@ differ from NumPy's:
   ``item()``, ``asnumpy``, ``get``…) raises: what makes a GPU step wait for the device;
 - the fused kernels, beam search's top-k kernels among them, run through ``tests/kernel_emulator.py``
   (their CUDA C++ compiled for the CPU);
-- cuBLAS's strided-batched GEMM, which attention calls on raw device pointers, is a NumPy product
-  reading and writing the same addresses (column-major, transposes and strides as cuBLAS takes them),
-  and our own cuBLAS handle (``kernels/capture.py``, through ``ctypes``) calls the C stand-in of
-  ``tests/cublas_stand_in.py``;
+- cuBLAS, which attention calls through CuPy's binding on raw device pointers and our own handle
+  (``kernels/capture.py``) through ``ctypes``, is the C stand-in of ``tests/cublas_stand_in.py``:
+  column-major loops at the same addresses, with cuBLAS's arguments;
 - CUDA graphs: while a stream captures, every operation (kernel, product, element-wise op, copy,
   gather, write) still runs — the Python around it needs the shapes — but is also recorded, and the
   device memory that existed before is put back when the capture ends, so that, as on a GPU, the
@@ -406,31 +405,6 @@ class _Generator:
         return _on_device(getattr(self._rng, name), f"random.{name}")
 
 
-def _column_major(address, rows, cols, ld, dtype):
-    """The ``(rows, cols)`` column-major matrix with leading dimension ``ld`` at a raw address."""
-    itemsize = np.dtype(dtype).itemsize
-    count = (cols - 1) * ld + rows
-    base = np.frombuffer((ctypes.c_char * (count * itemsize)).from_address(address), dtype=dtype, count=count)
-    return np.lib.stride_tricks.as_strided(base, shape=(rows, cols), strides=(itemsize, ld * itemsize))
-
-
-def _gemm_strided_batched_ex(handle, trans_a, trans_b, m, n, k, alpha, A, a_type, lda, stride_a,
-                             B, b_type, ldb, stride_b, beta, C, c_type, ldc, stride_c, batch, compute, algo):
-    """``cublasGemmStridedBatchedEx`` in host pointer mode: ``C_i = α op(A_i) op(B_i) + β C_i``."""
-    dtype = {0: np.float32, 1: np.float64}[a_type]
-    if not a_type == b_type == c_type:
-        raise TypeError(f"fake cuBLAS: operand types {a_type}, {b_type}, {c_type} differ")
-    itemsize = np.dtype(dtype).itemsize
-    scalar = lambda address: np.frombuffer((ctypes.c_char * itemsize).from_address(address), dtype=dtype)[0]
-    a_scale, c_scale = scalar(alpha), scalar(beta)
-    for i in range(batch):
-        a = _column_major(A + i * stride_a * itemsize, *((m, k) if trans_a == 0 else (k, m)), lda, dtype)
-        b = _column_major(B + i * stride_b * itemsize, *((k, n) if trans_b == 0 else (n, k)), ldb, dtype)
-        c = _column_major(C + i * stride_c * itemsize, m, n, ldc, dtype)
-        product = (a if trans_a == 0 else a.T) @ (b if trans_b == 0 else b.T)
-        c[...] = a_scale * product + (c_scale * c if c_scale else 0)
-
-
 def make():
     """The fake ``cupy`` module."""
     cupy = types.ModuleType("cupy", __doc__)
@@ -489,11 +463,14 @@ def install(patch=setattr, patch_item=operator.setitem):
     # our own cuBLAS handle (captured products, OWN_HANDLE): the CPU stand-in, its calls recorded
     library = _RecordedLibrary(capture.bind(cublas_stand_in.load()))
     patch(capture, "_libcublas", lambda: library)
+    # CuPy's binding of cuBLAS (attention's eager strided-batched GEMMs on CuPy's handle): the same
+    # C stand-in, whose functions take the arguments in cuBLAS's order, as CuPy's binding does
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
 
     def gemm_strided_batched_ex(*args):
-        _gemm_strided_batched_ex(*args)
-        _record(lambda: _gemm_strided_batched_ex(*args))
+        status = library.cublasGemmStridedBatchedEx(*args)
+        if status:
+            raise RuntimeError(f"fake cuBLAS: cublasGemmStridedBatchedEx failed with status {status}")
     cublas.gemmStridedBatchedEx = gemm_strided_batched_ex
     cublas.setPointerMode = lambda handle, mode: None
     cupyx = types.ModuleType("cupyx")

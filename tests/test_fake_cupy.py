@@ -49,26 +49,6 @@ def test_argsort_is_stable():
     np.testing.assert_array_equal(cp.asnumpy(cp.argsort(keys)), [1, 3, 5, 4, 0, 2])
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("trans_a, trans_b", [(0, 0), (1, 0), (0, 1), (1, 1)])
-def test_strided_batched_gemm_reads_and_writes_as_cublas(dtype, trans_a, trans_b, rng):
-    """Column-major C_i = op(A_i) op(B_i) at raw addresses, with leading dimensions and strides."""
-    batch, m, n, k = 3, 4, 5, 6
-    A = rng.standard_normal((batch, *((k, m) if trans_a == 0 else (m, k)))).astype(dtype)   # row-major storage
-    B = rng.standard_normal((batch, *((n, k) if trans_b == 0 else (k, n)))).astype(dtype)
-    C = np.full((batch, n, m), 7.0, dtype=dtype)   # beta = 0: the 7s must go
-    one, zero = np.ones(1, dtype), np.zeros(1, dtype)
-    type_id = 0 if dtype == np.float32 else 1
-    fake_cupy._gemm_strided_batched_ex(
-        0, trans_a, trans_b, m, n, k, one.ctypes.data, A.ctypes.data, type_id, A.shape[2], A[0].size,
-        B.ctypes.data, type_id, B.shape[2], B[0].size, zero.ctypes.data, C.ctypes.data, type_id, m, m * n,
-        batch, 68, -1)
-    # a column-major (r, c) matrix is the transpose of the row-major (c, r) array that holds it
-    op_a = A.swapaxes(1, 2) if trans_a == 0 else A
-    op_b = B.swapaxes(1, 2) if trans_b == 0 else B
-    np.testing.assert_allclose(C.swapaxes(1, 2), op_a @ op_b, rtol=1e-5)
-
-
 @pytest.fixture
 def installed(monkeypatch):
     """The stand-in behind the package, for this test only ("cuda" is the CPU stand-in)."""
