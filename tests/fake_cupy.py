@@ -440,7 +440,7 @@ def make():
 
 def install(patch=setattr, patch_item=operator.setitem):
     """Put the fake behind ``minitransformer.backend`` (``"cuda"`` becomes this CPU stand-in), the
-    fused kernels through the emulator, and cuBLAS's strided-batched GEMM through NumPy. (A test
+    fused kernels through the emulator, and cuBLAS through the C stand-in. (A test
     passes ``monkeypatch.setattr`` and ``monkeypatch.setitem`` to install it for itself only.)"""
     import cublas_stand_in
     from kernel_emulator import Emulator
