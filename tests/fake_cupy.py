@@ -120,31 +120,6 @@ class FakeArray(np.ndarray):
     def ravel(self, order="C"):
         return _recorded_copy(np.ndarray.ravel(self, order), lambda: np.ndarray.ravel(self, order), self)
 
-    # reading a device array on the host waits for the GPU: refused inside ``no_host_reads()``
-    def __float__(self):
-        _host_read("float()")
-        return super().__float__()
-
-    def __int__(self):
-        _host_read("int()")
-        return super().__int__()
-
-    def __index__(self):
-        _host_read("an index")
-        return super().__index__()
-
-    def __bool__(self):
-        _host_read("bool()")
-        return super().__bool__()
-
-    def item(self, *args):
-        _host_read("item()")
-        return super().item(*args)
-
-    def tolist(self):
-        _host_read("tolist()")
-        return super().tolist()
-
     @property
     def data(self):
         """CuPy's ``MemoryPointer``, as far as we use it: ``.data.ptr``."""
@@ -316,6 +291,23 @@ class _RecordedLibrary:
 
 def _host_view(x):
     return x.view(np.ndarray) if isinstance(x, FakeArray) else x
+
+
+def _read_on_the_host(name, what):
+    """``ndarray.<name>``, which reads the array on the host (waits for the GPU): refused inside
+    ``no_host_reads()``."""
+    read = getattr(np.ndarray, name)
+
+    def method(self, *args):
+        _host_read(what)
+        return read(self, *args)
+    method.__name__ = name
+    return method
+
+
+for _name, _what in [("__float__", "float()"), ("__int__", "int()"), ("__index__", "an index"),
+                     ("__bool__", "bool()"), ("item", "item()"), ("tolist", "tolist()")]:
+    setattr(FakeArray, _name, _read_on_the_host(_name, _what))
 
 
 def _device(x):

@@ -12,6 +12,7 @@ calls stands behind ``backend.cupy()``. The GPU's warp-level summation order is 
 results agree with the GPU's to rounding, not bitwise.
 """
 import ctypes
+import functools
 import hashlib
 import importlib.util
 import os
@@ -70,6 +71,12 @@ def _kernel_source(name):
 def _synchronises(source):
     """Whether a kernel synchronises its block, itself or through the device functions it calls
     (``block_reduce``, beam search's ``topk_block_merge``): then it runs with one thread a block."""
+    return any(re.search(rf"\b{s}\b", source) for s in _synchronising())
+
+
+@functools.lru_cache(maxsize=None)
+def _synchronising():
+    """``__syncthreads`` and every device function that calls it, directly or not."""
     syncing = {"__syncthreads", "block_reduce"}
     functions = dict(re.findall(r"__device__[^(]*?\b(\w+)\((.*?)\n}\n", _source.PRELUDE + _source.KERNELS, re.S))
     grew = True
@@ -79,7 +86,7 @@ def _synchronises(source):
             if name not in syncing and any(re.search(rf"\b{s}\b", body) for s in syncing):
                 syncing.add(name)
                 grew = True
-    return any(re.search(rf"\b{s}\b", source) for s in syncing)
+    return frozenset(syncing)
 
 
 def _parameters(source):

@@ -28,13 +28,10 @@ def cp(monkeypatch):
         if os.environ.get("CI"):
             pytest.fail(f"the cuBLAS stand-in needs a C++ compiler: {e}")
         pytest.skip(f"no C++ compiler for the cuBLAS stand-in ({e})")
-    library = cublas_stand_in.load()
-    if not isinstance(backend._cupy, types.ModuleType) or not hasattr(backend._cupy, "ndarray") \
-            or backend._cupy.ndarray is not fake_cupy.FakeArray:
-        monkeypatch.setattr(backend, "_cupy", fake_cupy.make())
+    monkeypatch.setattr(backend, "_cupy", fake_cupy.make())
     # the stand-in itself, not the library capture._libcublas would find (on a GPU machine, the real one)
+    bound = capture.bind(cublas_stand_in.load())
     monkeypatch.setattr(capture, "_libcublas", lambda: bound)
-    bound = capture.bind(library)
     monkeypatch.setattr(kernels, "_own_blas", type(kernels._own_blas)())
     return backend.cupy()
 

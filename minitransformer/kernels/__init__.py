@@ -483,7 +483,7 @@ def embedding_backward(ids, g, num_embeddings):
         sorted_ids = flat[order]
     else:
         order = np.argsort(flat, kind="stable")
-        both = cp.asarray(np.stack([flat[order], order]).astype(np.int64))   # one upload, not two
+        both = cp.asarray(np.stack([flat[order], order]).astype(np.int64, copy=False))   # one upload, not two
         sorted_ids, order = both[0], both[1]
     _kernel("embedding_bwd", g.dtype)((int(flat.size), (d + 127) // 128), (128,),
                                       (sorted_ids, order, g, np.int64(flat.size), np.int32(d), dW))
