@@ -4,8 +4,10 @@ positional encoding table (§3.5), the learning-rate schedule (§5.3) and loss c
 Everything here takes plain arrays (NumPy, or anything ``np.asarray`` accepts) and returns a
 matplotlib ``Figure``; nothing knows about tensors or gradients. Figures are built on the Agg
 canvas directly, without pyplot, so no global figure state builds up and no display is needed.
-In a notebook a returned Figure shows itself; ``save_figure`` writes it to a PNG atomically.
+In a notebook a returned Figure shows itself (it is its own PNG for IPython, so no pyplot
+backend is needed); ``save_figure`` writes it to a PNG atomically.
 """
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -17,8 +19,19 @@ from matplotlib.figure import Figure
 _CMAP = "viridis"
 
 
+class _ShownFigure(Figure):
+    """A Figure that IPython shows as a PNG when it ends a notebook cell. A plain Figure is shown
+    only once pyplot's inline backend has registered a printer for it (after ``%matplotlib inline``
+    or any pyplot figure); that printer, where there is one, still comes first."""
+
+    def _repr_png_(self):
+        buf = io.BytesIO()
+        self.savefig(buf, format="png", bbox_inches="tight")
+        return buf.getvalue()
+
+
 def _figure(width, height, layout=None):
-    fig = Figure(figsize=(width, height), layout=layout)
+    fig = _ShownFigure(figsize=(width, height), layout=layout)
     FigureCanvasAgg(fig)
     return fig
 

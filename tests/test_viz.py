@@ -31,6 +31,12 @@ def test_plot_attention_grid(rng, tmp_path):
     assert_png(viz.save_figure(fig, tmp_path / "grid.png"))
 
 
+def test_a_figure_shows_itself_in_a_notebook_without_pyplot(rng):
+    # IPython displays an object that ends a cell through its _repr_png_
+    png = viz.plot_attention_grid(attention(rng, 2, 3, 4))._repr_png_()
+    assert png[:8] == PNG_MAGIC
+
+
 def test_plot_attention_grid_accepts_one_head_and_no_labels(rng):
     assert len(viz.plot_attention_grid(attention(rng, 1, 3, 4)[0]).axes) == 1
 
