@@ -196,6 +196,17 @@ def test_max_length_is_source_length_plus_max_len_b(model, src):
             assert all(len(o) <= lim for o, lim in zip(out, limits)), (max_len_a, max_len_b)
 
 
+def test_outputs_stop_where_the_models_positions_end(device):
+    """Source length + 50 may pass the positional table (``max_len``): decoding stops there instead
+    of failing part-way. eos = pad is never predicted, so every output runs to its limit."""
+    model = Transformer(**dict(CONFIG, max_len=12)).to(device)
+    src = np.array([[5, 6, 7, 8, 9]])
+    outs = [greedy_decode(model, src, BOS_ID, PAD_ID, use_cache=use_cache) for use_cache in (True, False)]
+    outs += [beam_search(model, src, BOS_ID, PAD_ID, beam_size=2, use_cache=use_cache, fixed_cache=fixed)
+             for use_cache, fixed in [(True, False), (False, False), (True, True)]]
+    assert [len(out[0]) for out in outs] == [12] * 5
+
+
 @pytest.mark.parametrize("beam_size", [0, -1, -4])
 def test_invalid_beam_size_raises(beam_size, src):
     model = Transformer(**CONFIG)
