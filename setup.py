@@ -15,9 +15,10 @@ setup(
     install_requires=["numpy>=1.24", "sentencepiece>=0.1.99", "matplotlib>=3.6", "tqdm>=4.60",
                       "sacrebleu>=2.3"],
     extras_require={
-        # PyTorch is only a reference for the parity tests and benchmarks, never a runtime need.
-        "test": ["pytest>=7", "torch"],
-        "notebooks": ["nbformat>=5", "nbclient>=0.7", "ipykernel>=6"],
+        # PyTorch is only a reference for the parity tests and benchmarks, never a runtime need;
+        # the tests execute the notebooks, as Jupyter would.
+        "test": ["pytest>=7", "torch", "nbformat>=5", "nbclient>=0.7", "ipykernel>=6"],
+        "notebooks": ["nbformat>=5", "nbclient>=0.7", "ipykernel>=6", "jupyterlab>=4", "ipywidgets>=8"],
         "cuda12": ["cupy-cuda12x>=13"],
         "cuda13": ["cupy-cuda13x>=14"],
     },
