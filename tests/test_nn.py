@@ -513,3 +513,43 @@ def test_kv_cache_decoding_equals_full_decoding(device, rng, norm_first):
         last = model.decode(tgt, memory, src_mask, last_only=True).numpy()   # what uncached decoding uses
         assert last.shape == (2, 1, SMALL["vocab_size"])
         np.testing.assert_allclose(last, expected[:, -1:], rtol=1e-10, atol=1e-10)
+
+
+# ---- looking inside: keep_activations (for the notebooks) ----------------------------------------
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_kept_activations_hold_their_gradients_after_backward(device, rng, norm_first):
+    model = small_model(device, norm_first=norm_first).keep_activations()
+    src, tgt = ids(rng, 2, 5), ids(rng, 2, 4)
+    logits = model(src, tgt)
+    F.cross_entropy(logits.reshape(-1, SMALL["vocab_size"]), tgt.reshape(-1)).backward()
+
+    enc, dec = model.encoder.layers, model.decoder.layers
+    assert list(enc[0].activations) == ["input", "self_attention", "after_self_attention", "feed_forward", "output"]
+    assert list(dec[0].activations) == ["input", "self_attention", "after_self_attention", "cross_attention",
+                                        "after_cross_attention", "feed_forward", "output"]
+    # the stack passes one layer's output on as the next one's input: the same tensor
+    assert enc[1].activations["input"] is enc[0].activations["output"]
+    assert enc[0].activations["input"] is model.activations["src_embedding"]
+    assert dec[0].activations["input"] is model.activations["tgt_embedding"]
+    for layer in (*enc, *dec):
+        for name, t in layer.activations.items():
+            assert t.grad is not None and t.grad.shape == t.shape, name
+    # logits = y Wᵀ (the tied projection, §3.4), so dL/dy = dL/dlogits · W, from the kept gradients
+    y, W = model.activations["decoder_output"], model.embedding.weight
+    np.testing.assert_allclose(mt.backend.to_numpy(y.grad),
+                               mt.backend.to_numpy(model.activations["logits"].grad @ W.data), rtol=1e-4, atol=1e-7)
+    # the gradient reaching the memory is the sum of what every cross-attention sends it
+    assert np.abs(mt.backend.to_numpy(model.activations["memory"].grad)).max() > 0
+
+
+def test_activations_are_kept_only_when_asked(device, rng):
+    model = small_model(device)
+    model(ids(rng, 2, 5), ids(rng, 2, 4))
+    assert not hasattr(model.encoder.layers[0], "activations")
+    model.keep_activations()
+    model(ids(rng, 2, 5), ids(rng, 2, 4))
+    assert model.encoder.layers[0].activations["output"].shape == (2, 5, SMALL["d_model"])
+    model.keep_activations(False)
+    model(ids(rng, 2, 5), ids(rng, 2, 4))
+    assert model.encoder.layers[0].activations == {} and model.activations == {}

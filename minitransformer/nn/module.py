@@ -23,6 +23,8 @@ class Parameter(Tensor):
 
 
 class Module:
+    _keep_activations = False      # see keep_activations(); an instance attribute only once asked
+
     def __init__(self):
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
@@ -89,6 +91,24 @@ class Module:
     def zero_grad(self):
         for p in self.parameters():
             p.grad = None
+
+    # ---- looking inside ----------------------------------------------------------------
+    def keep_activations(self, mode=True):
+        """Keep the intermediate tensors of every following forward pass, for reading: each layer
+        that records them (the encoder and decoder layers, the Transformer's embeddings and logits)
+        puts them in its ``activations`` dict, named after the boxes of Figure 1, and after
+        ``backward()`` each holds its gradient (``retain_grad``). They keep the arrays of the last
+        forward alive, so it is for looking, not for training runs. ``False`` forgets them.
+        Returns self."""
+        for module in self.modules():
+            object.__setattr__(module, "_keep_activations", mode)
+            object.__setattr__(module, "activations", {})
+        return self
+
+    def _record(self, **tensors):
+        """With ``keep_activations`` on, keep these tensors (and their gradients) in ``activations``."""
+        if self._keep_activations:
+            self.activations.update((name, t.retain_grad()) for name, t in tensors.items())
 
     def to(self, device):
         """Move every parameter and buffer to ``device`` in place (tied parameters stay tied, and

@@ -37,10 +37,17 @@ class EncoderLayer(Module):
     def forward(self, x, src_mask):                          # x: (B, S, d_model)
         if self.norm_first:
             h = self.norm1(x)
-            x = x + self.dropout(self.self_attn(h, h, h, src_mask))
-            return x + self.dropout(self.feed_forward(self.norm2(x)))
-        x = add_and_norm(x, self.self_attn(x, x, x, src_mask), self.norm1, self.dropout)
-        return add_and_norm(x, self.feed_forward(x), self.norm2, self.dropout)
+            a = self.self_attn(h, h, h, src_mask)
+            x1 = x + self.dropout(a)
+            f = self.feed_forward(self.norm2(x1))
+            out = x1 + self.dropout(f)
+        else:
+            a = self.self_attn(x, x, x, src_mask)
+            x1 = add_and_norm(x, a, self.norm1, self.dropout)
+            f = self.feed_forward(x1)
+            out = add_and_norm(x1, f, self.norm2, self.dropout)
+        self._record(input=x, self_attention=a, after_self_attention=x1, feed_forward=f, output=out)
+        return out
 
 
 class DecoderLayer(Module):
@@ -60,14 +67,23 @@ class DecoderLayer(Module):
         cross_cache = cache["cross"] if cache is not None else None
         if self.norm_first:
             h = self.norm1(y)
-            y = y + self.dropout(self.self_attn(h, h, h, tgt_mask, cache=self_cache))
-            h = self.norm2(y)
-            y = y + self.dropout(self.cross_attn(h, memory, memory, src_mask, cache=cross_cache, static_kv=True))
-            return y + self.dropout(self.feed_forward(self.norm3(y)))
-        y = add_and_norm(y, self.self_attn(y, y, y, tgt_mask, cache=self_cache), self.norm1, self.dropout)
-        y = add_and_norm(y, self.cross_attn(y, memory, memory, src_mask, cache=cross_cache, static_kv=True),
-                         self.norm2, self.dropout)
-        return add_and_norm(y, self.feed_forward(y), self.norm3, self.dropout)
+            a = self.self_attn(h, h, h, tgt_mask, cache=self_cache)
+            y1 = y + self.dropout(a)
+            h = self.norm2(y1)
+            c = self.cross_attn(h, memory, memory, src_mask, cache=cross_cache, static_kv=True)
+            y2 = y1 + self.dropout(c)
+            f = self.feed_forward(self.norm3(y2))
+            out = y2 + self.dropout(f)
+        else:
+            a = self.self_attn(y, y, y, tgt_mask, cache=self_cache)
+            y1 = add_and_norm(y, a, self.norm1, self.dropout)
+            c = self.cross_attn(y1, memory, memory, src_mask, cache=cross_cache, static_kv=True)
+            y2 = add_and_norm(y1, c, self.norm2, self.dropout)
+            f = self.feed_forward(y2)
+            out = add_and_norm(y2, f, self.norm3, self.dropout)
+        self._record(input=y, self_attention=a, after_self_attention=y1, cross_attention=c,
+                     after_cross_attention=y2, feed_forward=f, output=out)
+        return out
 
 
 class Encoder(Module):
@@ -173,7 +189,10 @@ class Transformer(Module):
         """``src_ids (B, S)`` -> ``(memory (B, S, d_model), src_mask (B, 1, 1, S))``."""
         src_ids = self._ids(src_ids, "src_ids")
         src_mask = self._mask(padding_mask(src_ids, self.pad_id))
-        return self.encoder(self.embed(src_ids, self.embedding), src_mask), src_mask
+        x = self.embed(src_ids, self.embedding)
+        memory = self.encoder(x, src_mask)
+        self._record(src_embedding=x, memory=memory)
+        return memory, src_mask
 
     def decode(self, tgt_ids, memory, src_mask, cache=None, last_only=False):
         """``tgt_ids (B, T)`` -> logits ``(B, T, vocab)``; with ``last_only`` those of the last
@@ -193,15 +212,16 @@ class Transformer(Module):
         else:   # the new tokens see every cached one, and each other causally
             tgt_mask = self._mask(np.tril(np.ones((T, offset + T), dtype=bool), k=offset)) if T > 1 else None
             cache["length"] += T
-        y = self.embed(tgt_ids, self.tgt_embedding or self.embedding, offset)
-        y = self.decoder(y, memory, tgt_mask, src_mask, cache["layers"] if cache is not None else None)
+        y_in = self.embed(tgt_ids, self.tgt_embedding or self.embedding, offset)
+        y = self.decoder(y_in, memory, tgt_mask, src_mask, cache["layers"] if cache is not None else None)
         if cache is not None and "position" in cache:
             cache["position"] += 1                              # in place: the next step reads it there
         if last_only and y.shape[1] > 1:
             y = y[:, -1:]
-        if self.generator is not None:
-            return self.generator(y)
-        return F.linear(y, self.embedding.weight)             # tied pre-softmax projection (§3.4)
+        # the pre-softmax projection, tied to the embeddings (§3.4) unless there is a generator
+        logits = self.generator(y) if self.generator is not None else F.linear(y, self.embedding.weight)
+        self._record(tgt_embedding=y_in, decoder_output=y, logits=logits)
+        return logits
 
     def new_cache(self, batch=None, max_len=None):
         """An empty key/value cache for step-by-step decoding.
