@@ -433,10 +433,13 @@ def cmd_attention(args):
     from .evaluate import attention_maps
     from .viz import plot_all_attention
     model, tokenizer, _, _ = load_run(args.checkpoint, _device(args.device))
+    N = model.config.num_layers
+    if args.layers and not all(-N <= i < N for i in args.layers):
+        raise UserError(f"--layers: the model has {N} layers (1 to {N}, or -1 to -{N} from the last)")
     text = " ".join(args.text).strip()
     maps = attention_maps(model, tokenizer, text)
     plot_all_attention(maps["enc_self"], maps["dec_self"], maps["cross"], maps["src_tokens"], maps["tgt_tokens"],
-                       args.out, title=f"{text}  →  {maps['translation']}")
+                       args.out, title=f"{text}  →  {maps['translation']}", layers=args.layers)
     print(f"{maps['translation']}\n{args.out}")
     return 0
 
@@ -464,6 +467,17 @@ def _positive_int(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
+
+
+def _layer_numbers(text):
+    """``1,-1`` → list indices ``[0, -1]``: layers as the figure names them, or from the end."""
+    try:
+        numbers = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected layer numbers such as 1,-1, got {text}") from None
+    if 0 in numbers:
+        raise argparse.ArgumentTypeError(f"layers are counted from 1 (or -1 for the last), got {text}")
+    return [n - 1 if n > 0 else n for n in numbers]
 
 
 def _nonnegative_int(text):
@@ -564,6 +578,9 @@ def build_parser():
     model_args(at)
     at.add_argument("text", nargs="+", metavar="TEXT")
     at.add_argument("--out", required=True, metavar="PNG")
+    at.add_argument("--layers", type=_layer_numbers, metavar="N[,N…]",
+                    help="only these layers of each kind, counted from 1 (-1: the last), e.g. --layers 1,-1 "
+                         "(default: all; the base model has 6 × 8 heads of each kind)")
     at.set_defaults(func=cmd_attention)
 
     da = sub.add_parser("data", help="corpus utilities")

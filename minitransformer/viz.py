@@ -148,7 +148,17 @@ def plot_attention_grid(weights, x_labels=None, y_labels=None, title=None):
     return _grid([("", weights, x_labels, y_labels)], title)
 
 
-def plot_all_attention(enc_self, dec_self, cross, src_tokens, tgt_tokens, path=None, title=None):
+def _layer_numbers(layers, n, name):
+    """Indices into ``n`` layers (negative from the end) → sorted 0-based layer numbers."""
+    picked = []
+    for i in layers:
+        if not -n <= int(i) < n:
+            raise ValueError(f"plot_all_attention: layer index {i} is out of range for the {n} layers of {name}")
+        picked.append(int(i) % n)
+    return sorted(set(picked))
+
+
+def plot_all_attention(enc_self, dec_self, cross, src_tokens, tgt_tokens, path=None, title=None, layers=None):
     """One figure with every layer and head of the three kinds of attention (§3.2.3):
 
     - encoder self-attention, ``(h, S, S)`` per layer: source tokens attend to source tokens;
@@ -159,19 +169,22 @@ def plot_all_attention(enc_self, dec_self, cross, src_tokens, tgt_tokens, path=N
     decoder's input pieces (``<s>`` + translation). Rows are layers, grouped by kind; columns are
     heads; queries run down each panel, keys along it. The first head of a row names the queries
     and the last layer of a kind names the keys (labelling all 144 panels of the base model would
-    cost most of the drawing time). With ``path`` the PNG is written too. Returns the Figure.
+    cost most of the drawing time). ``layers`` draws only these layers of each kind (indices as
+    for a list, e.g. ``[-1]`` for the last; a panel keeps a fixed size per token, so the figure
+    grows with the layers drawn). With ``path`` the PNG is written too. Returns the Figure.
     """
     groups = [("encoder self-attention", enc_self, src_tokens, src_tokens),
               ("decoder self-attention", dec_self, tgt_tokens, tgt_tokens),
               ("cross-attention", cross, src_tokens, tgt_tokens)]
     rows = []
-    for name, layers, x_labels, y_labels in groups:
-        layers = list(layers)
-        for n, w in enumerate(layers):
-            w = _check_weights(w, f"plot_all_attention ({name}, layer {n + 1})")
+    for name, weights, x_labels, y_labels in groups:
+        weights = list(weights)
+        picked = range(len(weights)) if layers is None else _layer_numbers(layers, len(weights), name)
+        for n in picked:
+            w = _check_weights(weights[n], f"plot_all_attention ({name}, layer {n + 1})")
             xs = _check_labels(x_labels, w.shape[2], f"plot_all_attention ({name})", "x")
             ys = _check_labels(y_labels, w.shape[1], f"plot_all_attention ({name})", "y")
-            rows.append((f"{name}, layer {n + 1}", w, xs if n == len(layers) - 1 else None, ys))
+            rows.append((f"{name}, layer {n + 1}", w, xs if n == picked[-1] else None, ys))
     if not rows:
         raise ValueError("plot_all_attention: no attention weights given")
     fig = _grid(rows, title)

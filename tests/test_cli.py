@@ -136,6 +136,16 @@ def test_attention(cli, run_dir, tmp_path):
     assert str(png) in done.stdout
 
 
+def test_attention_of_some_layers(cli, run_dir, tmp_path):
+    png = tmp_path / "last.png"
+    done = cli("attention", "--checkpoint", run_dir, "I like cats.", "--out", png, "--layers", "-1")
+    assert done.returncode == 0, done.stderr
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    for layers, error in [("0", "counted from 1"), ("9", "the model has"), ("a", "such as 1,-1")]:
+        done = cli("attention", "--checkpoint", run_dir, "I like cats.", "--out", png, "--layers", layers)
+        assert done.returncode != 0 and error in done.stderr, (layers, done.stderr)
+
+
 def test_resume_continues_a_run(cli, run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)

@@ -60,6 +60,22 @@ def test_plot_all_attention(rng, tmp_path):
     assert labelled == {tuple(src), tuple(tgt)}      # keys: source for encoder and cross, target for decoder
 
 
+def test_plot_all_attention_draws_only_the_layers_asked_for(rng):
+    h, S, T = 2, 3, 4
+    kinds = ([attention(rng, h, S, S) for _ in range(3)], [attention(rng, h, T, T) for _ in range(3)],
+             [attention(rng, h, T, S) for _ in range(3)])
+    fig = viz.plot_all_attention(*kinds, list("abc"), list("wxyz"), layers=[-1, 0])
+    assert len(fig.axes) == 3 * 2 * h
+    names = [t.get_text() for t in fig.texts]
+    assert names == [f"{kind}, layer {n}" for kind in ("encoder self-attention", "decoder self-attention",
+                                                       "cross-attention") for n in (1, 3)]
+    # each kind's last drawn layer names the keys, and the weights drawn are those of layer 3
+    np.testing.assert_array_equal(fig.axes[2].images[0].get_array(), kinds[0][2][0])
+    assert [t.get_text() for t in fig.axes[2].get_xticklabels()] == list("abc")
+    with pytest.raises(ValueError, match="layer index 3 is out of range for the 3 layers of encoder self-attention"):
+        viz.plot_all_attention(*kinds, list("abc"), list("wxyz"), layers=[3])
+
+
 def test_plot_all_attention_checks_shapes(rng):
     with pytest.raises(ValueError, match="cross-attention"):
         viz.plot_all_attention([attention(rng, 2, 3, 3)], [attention(rng, 2, 4, 4)], [attention(rng, 2, 4, 5)],
