@@ -88,7 +88,9 @@ def greedy_decode(model, src_ids, bos_id, eos_id, max_len_a=1.0, max_len_b=50, u
             lengths += ~done       # done only grows, so kept tokens are the first lengths[b]
             if bool(done.all()):
                 break
-            tokens = xp.concatenate([tokens, xp.where(done, eos_id, next_ids)[:, None]], axis=1)
+            # a finished row's next input is never read: its own pick keeps every id in the
+            # vocabulary (an eos the model cannot emit, as the benchmarks use, is not)
+            tokens = xp.concatenate([tokens, next_ids[:, None]], axis=1)
         out, lengths = backend.to_numpy(out), backend.to_numpy(lengths)
     model.train(was_training)
     return [out[b, :lengths[b]].tolist() for b in range(B)]
@@ -224,11 +226,13 @@ class _Beams:
         rank = xp.cumsum(goes_on, axis=1, dtype=np.int64) - 1
         at = xp.where(goes_on & (rank < K), rank, K)
         new_rows = xp.concatenate([own_rows, own_rows[:, :1]], axis=1)
-        new_tokens = xp.full((B, K + 1), eos_id, dtype=np.int64)
+        # slots with no continuation and finished sentences are fed bos: never read, and always an
+        # id of the vocabulary (eos need not be: the benchmarks pass one the model cannot emit)
+        new_tokens = xp.full((B, K + 1), self.bos_id, dtype=np.int64)
         new_scores = xp.full((B, K + 1), -np.inf)
         new_rows[batch, at], new_tokens[batch, at], new_scores[batch, at] = batch * K + beam, token, top_scores
         rows = xp.where(active, new_rows[:, :K], own_rows).reshape(-1)   # finished sentences keep theirs
-        next_tokens = xp.where(active, new_tokens[:, :K], eos_id).reshape(-1, 1)
+        next_tokens = xp.where(active, new_tokens[:, :K], self.bos_id).reshape(-1, 1)
         self.scores[...] = xp.where(active, new_scores[:, :K], self.scores)
         self.history[...] = self.history[rows]
         xp.copyto(self.history, next_tokens, where=self.columns == length)

@@ -207,6 +207,18 @@ def test_outputs_stop_where_the_models_positions_end(device):
     assert [len(out[0]) for out in outs] == [12] * 5
 
 
+def test_an_eos_outside_the_vocabulary_runs_every_sentence_to_its_own_limit(device, src):
+    """What benchmarks/decode.py does to decode to full length: an eos the model cannot emit.
+    Sentences that reach their limits at different steps must not feed it to the decoder."""
+    model = Transformer(**CONFIG).to(device)
+    limits = (source_lengths(src) + 3).tolist()
+    outs = [greedy_decode(model, src, BOS_ID, VOCAB, max_len_b=3, use_cache=use_cache) for use_cache in (True, False)]
+    outs += [beam_search(model, src, BOS_ID, VOCAB, beam_size=3, max_len_b=3, use_cache=use_cache, fixed_cache=fixed)
+             for use_cache, fixed in [(True, False), (False, False), (True, True)]]
+    for out in outs:
+        assert [len(o) for o in out] == limits
+
+
 @pytest.mark.parametrize("beam_size", [0, -1, -4])
 def test_invalid_beam_size_raises(beam_size, src):
     model = Transformer(**CONFIG)
