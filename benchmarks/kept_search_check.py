@@ -20,9 +20,9 @@ def main():
     parser.add_argument("--checkpoint", required=True)
     args = parser.parse_args()
     from minitransformer import decode, evaluate
-    from minitransformer.cli import _splits, load_run
+    from minitransformer.cli import load_run, run_splits
     model, tokenizer, config, _ = load_run(args.checkpoint, "cpu")
-    sources = [s for s, _ in _splits(config["data"], progress=False)["test"]]
+    sources = [s for s, _ in run_splits(config["data"], progress=False)["test"]]
     t = time.perf_counter()
     growing = evaluate.translate(model, tokenizer, sources)
     t_growing = time.perf_counter() - t

@@ -34,7 +34,7 @@ def main():
     import torch
     from minitransformer import backend
     from minitransformer.checkpoint import read_checkpoint, save_checkpoint
-    from minitransformer.cli import _encode, _read_config, _read_tokenizer, _splits, latest_checkpoint
+    from minitransformer.cli import _encode, _read_config, _read_tokenizer, latest_checkpoint, run_splits
     from minitransformer.data import TokenBatcher
     from minitransformer.nn import Transformer
     from torch_twin import TorchTransformer, make_optimizer, train_step
@@ -43,7 +43,7 @@ def main():
     config, tokenizer = _read_config(run), _read_tokenizer(run)
     steps = args.steps or read_checkpoint(latest_checkpoint(run))[1]["meta"]["step"]
     data, preset, train = config["data"], config["preset_settings"], config["train"]
-    ids = _encode(tokenizer, _splits(data)["train"], data.get("max_len", 64))
+    ids = _encode(tokenizer, run_splits(data)["train"], data.get("max_len", 64))
     batcher = TokenBatcher(*ids, max_tokens=preset["max_tokens"], seed=config["seed"])
 
     backend.manual_seed(config["seed"])                       # the run's initial weights

@@ -157,7 +157,7 @@ def _data_path(data, progress):
     return Path(data)
 
 
-def _splits(settings, data=None, progress=False):
+def run_splits(settings, data=None, progress=False):
     """Re-derive train/valid/test from the data settings stored in config.json (same seed, same
     sizes, same limit), optionally from another copy of the file (``data``)."""
     from .data import read_pairs, split_pairs
@@ -231,7 +231,7 @@ def cmd_train(args):
         tcfg.cuda_graph = tcfg.cuda_graph or args.cuda_graph
         _say(f"resuming {out} from {ckpt.name} on {device}")
         tokenizer = _read_tokenizer(out)
-        splits = _splits(data_settings, progress=progress)
+        splits = run_splits(data_settings, progress=progress)
         ids = {name: _encode(tokenizer, pairs, data_settings.get("max_len", MAX_LEN)) for name, pairs in splits.items()}
         model_config = read_checkpoint(ckpt)[1]["config"]
         if model_config["vocab_size"] != tokenizer.vocab_size:
@@ -415,7 +415,7 @@ def cmd_evaluate(args):
     model, tokenizer, config, ckpt = load_run(args.checkpoint, _decode_device(args))
     if "data" not in config:
         raise UserError(f"{args.checkpoint}: config.json has no data settings")
-    splits = _splits(config["data"], data=args.data, progress=not args.no_progress)
+    splits = run_splits(config["data"], data=args.data, progress=not args.no_progress)
     pairs = sample_pairs(splits[args.split], args.limit)
     if not pairs:
         raise UserError(f"the {args.split} split is empty")
