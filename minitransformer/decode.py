@@ -27,12 +27,18 @@ from . import functional as F
 from .tensor import Tensor, no_grad
 
 
+def positions_of(model):
+    """How many positions the model's positional table holds (``config.max_len``): what any output
+    must fit in. None for a model without one (the tests' table-driven language model)."""
+    return getattr(getattr(model, "config", None), "max_len", None)
+
+
 def _length_limits(model, src_ids, max_len_a, max_len_b):
     """Host ``src_ids`` and each sentence's output limit ``max_len_a · source length + max_len_b``,
     at most the model's positions (``max_len``: bos and the tokens before the last take them all)."""
     src_ids = np.asarray(backend.to_numpy(src_ids.data if isinstance(src_ids, Tensor) else src_ids))
     limits = (max_len_a * (src_ids != model.pad_id).sum(axis=1) + max_len_b).astype(int)
-    positions = getattr(getattr(model, "config", None), "max_len", None)
+    positions = positions_of(model)
     return src_ids, limits if positions is None else np.minimum(limits, positions)
 
 
@@ -307,7 +313,7 @@ def _fixed_search(model, memory, src_mask, limits, K, steps, bos_id, eos_id, alp
     batches whose longest outputs differ a little share it. The parameters' addresses are part
     of the key: a recorded graph reads the weights there."""
     rounded = -(-max(steps, 1) // _ROUND) * _ROUND
-    positions = getattr(getattr(model, "config", None), "max_len", None)
+    positions = positions_of(model)
     steps = max(steps, rounded if positions is None else min(rounded, positions))
     key = (tuple(memory.shape), memory.dtype.str, K, steps, bos_id, eos_id, alpha, cuda_graph,
            backend.tf32_enabled(), tuple(backend.address(p.data) for p in model.parameters()))

@@ -13,7 +13,7 @@ on newstest2014; we report it on a held-out Tatoeba split).
 import numpy as np
 
 from . import backend
-from .decode import beam_search, greedy_decode
+from .decode import beam_search, greedy_decode, positions_of
 from .progress import progress_bar
 from .tensor import no_grad
 
@@ -37,7 +37,7 @@ def translate(model, tokenizer, sentences, beam_size=4, alpha=0.6, batch_size=64
         raise ValueError(f"translate: beam_size must be >= 1, got {beam_size}")
     if batch_size < 1:
         raise ValueError(f"translate: batch_size must be >= 1, got {batch_size}")
-    positions = getattr(getattr(model, "config", None), "max_len", None)
+    positions = positions_of(model)
     if max_src_len is None:
         # the decoder may write up to max_len_a·S + max_len_b tokens after bos, all within the table
         max_src_len = int((positions - max_len_b - 1) / max(max_len_a, 1.0)) if positions else 256
