@@ -335,11 +335,12 @@ def cmd_train(args):
 
 
 def _final_evaluation(args, out, device, model, tokenizer, splits, valid_batches, show, trainer, started):
-    """Validation loss, test BLEU (bleu.json) and the attention maps of one test sentence (attention.png)."""
+    """Validation loss, test BLEU (bleu.json), the attention maps of one test sentence (attention.png) and
+    the loss curves (losses.png)."""
     from .checkpoint import write_json
     from .evaluate import attention_maps, bleu
     from .train import evaluate_loss
-    from .viz import plot_all_attention
+    from .viz import plot_all_attention, plot_losses, save_figure
 
     results = {}
     if valid_batches:
@@ -372,12 +373,30 @@ def _final_evaluation(args, out, device, model, tokenizer, splits, valid_batches
                              maps["tgt_tokens"], out / "attention.png",
                              title=f"{example}  →  {maps['translation']}")
     del fig
+    curves = loss_curves(trainer, results.get("valid_loss"))
+    if curves:
+        fig = plot_losses(curves, title=f"{out.name}: loss per target token", smooth=10)
+        save_figure(fig, out / "losses.png")
     _say(f"checkpoint:     {out / 'last.npz'}\n"
          + (f"bleu:           {out / 'bleu.json'}\n" if scored else "")
          + f"attention maps: {out / 'attention.png'}\n"
-         f"total time:     {_fmt_minutes(time.perf_counter() - started)}\n"
+         + (f"loss curves:    {out / 'losses.png'}\n" if curves else "")
+         + f"total time:     {_fmt_minutes(time.perf_counter() - started)}\n"
          f"try:  {_PROG} translate --checkpoint {out} \"{example}\"")
     return 0
+
+
+def loss_curves(trainer, final_valid_loss=None):
+    """A run's loss curves for ``viz.plot_losses``: the training loss as the trainer read it every
+    ``log_every`` steps (one batch's, label-smoothed and with dropout: not on the validation loss's
+    footing), and the validation loss (plain cross-entropy) at every evaluation plus
+    ``final_valid_loss`` at the last step. Curves without points are left out."""
+    smoothing = trainer.config.label_smoothing
+    valid = [(r["step"], r["valid_loss"]) for r in trainer.history if "valid_loss" in r]
+    if final_valid_loss is not None and not (valid and valid[-1][0] == trainer.step):
+        valid.append((trainer.step, final_valid_loss))
+    train_name = f"training (label smoothing {smoothing:g})" if smoothing else "training"
+    return {name: points for name, points in [(train_name, trainer.losses), ("validation", valid)] if points}
 
 
 # ---------------------------------------------------------------------------------------------------

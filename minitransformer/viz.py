@@ -256,16 +256,25 @@ def _curves(history):
     return curves
 
 
-def plot_losses(history, title="Loss", logy=False):
+def plot_losses(history, title="Loss", logy=False, smooth=0):
     """Loss curves against the step. ``history`` is a list of (step, loss) pairs (``Trainer.losses``),
     a list of dicts with a ``"step"`` key (``Trainer.history``: every numeric key is a curve), or a
-    dict ``{name: [(step, value), …]}``, e.g. ``{"train": trainer.losses, "valid": …}``."""
+    dict ``{name: [(step, value), …]}``, e.g. ``{"train": trainer.losses, "valid": …}``.
+    ``smooth=n``: a curve with more than n points is drawn faintly, under its mean over a sliding window
+    of n points (single batches' losses are noisy)."""
+    if smooth < 0:
+        raise ValueError(f"plot_losses: smooth must be >= 0 points, got {smooth}")
     curves = _curves(history)
     if not curves:
         raise ValueError("plot_losses: the history holds no (step, value) points")
     fig = _figure(7, 4, "constrained")
     ax = fig.subplots()
     for name, (steps, values) in curves.items():
+        if smooth > 1 and len(values) > smooth:
+            line, = ax.plot(steps, values, alpha=0.3, linewidth=0.8)
+            mean = np.convolve(values, np.ones(smooth) / smooth, mode="valid")  # window ending at each step
+            ax.plot(steps[smooth - 1:], mean, color=line.get_color(), label=f"{name}, mean of {smooth}")
+            continue
         ax.plot(steps, values, label=name, marker="o" if len(steps) < 30 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

@@ -69,9 +69,10 @@ def assert_user_error(done, *fragments):
 
 def test_train_writes_a_complete_run(run_dir):
     names = {p.name for p in run_dir.iterdir()}
-    assert {"config.json", "tokenizer.model", "last.npz", "bleu.json", "attention.png"} <= names
+    assert {"config.json", "tokenizer.model", "last.npz", "bleu.json", "attention.png", "losses.png"} <= names
     assert {"checkpoint-00000004.npz", "checkpoint-00000008.npz"} <= names
     assert (run_dir / "attention.png").read_bytes()[:8] == PNG_MAGIC
+    assert (run_dir / "losses.png").read_bytes()[:8] == PNG_MAGIC
     config = json.loads((run_dir / "config.json").read_text())
     assert config["preset"] == "tiny" and config["model"]["d_model"] == 128 and config["model"]["num_layers"] == 2
     assert config["data"]["path"] == str(SAMPLE) and config["data"]["reverse"] is False
@@ -88,8 +89,27 @@ def test_train_prints_progress_and_results(trained):
     assert "→" in out                                # … with sample translations
     assert "test BLEU" in out and "nrefs:1|case:mixed" in out and "chrF" in out
     assert "4 of" in out and "evaluate --checkpoint" in out   # the capped test set says so
-    for name in ("last.npz", "bleu.json", "attention.png"):
+    for name in ("last.npz", "bleu.json", "attention.png", "losses.png"):
         assert str(run_dir / name) in out
+
+
+def test_loss_curves_of_a_run():
+    """losses.png's curves: the training losses as logged, the validation losses of the evaluations
+    and the final one, which is not repeated when the last evaluation was at the last step."""
+    from types import SimpleNamespace
+    from minitransformer.cli import loss_curves
+    trainer = SimpleNamespace(config=SimpleNamespace(label_smoothing=0.1), step=30,
+                              losses=[(10, 5.0), (20, 4.0), (30, 3.5)],
+                              history=[{"step": 10, "valid_loss": 4.8, "samples": []}, {"step": 20, "bleu": 3.0}])
+    curves = loss_curves(trainer, final_valid_loss=3.9)
+    assert curves == {"training (label smoothing 0.1)": [(10, 5.0), (20, 4.0), (30, 3.5)],
+                      "validation": [(10, 4.8), (30, 3.9)]}
+    trainer.history.append({"step": 30, "valid_loss": 3.9})
+    assert loss_curves(trainer, final_valid_loss=3.9)["validation"] == [(10, 4.8), (30, 3.9)]
+    trainer.config.label_smoothing, trainer.history = 0.0, []
+    assert loss_curves(trainer) == {"training": trainer.losses}
+    trainer.losses = []
+    assert loss_curves(trainer) == {}
 
 
 def test_translate_arguments(cli, run_dir):

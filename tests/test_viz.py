@@ -100,6 +100,22 @@ def test_helper_plots(tmp_path):
 def test_plot_losses_needs_points():
     with pytest.raises(ValueError, match="no"):
         viz.plot_losses([])
+    with pytest.raises(ValueError, match="smooth must be >= 0"):
+        viz.plot_losses([(1, 2.0)], smooth=-1)
+
+
+def test_plot_losses_smooths_long_curves():
+    """smooth=n: a curve with more than n points is drawn faintly, under its mean over windows of n
+    points ending at each step; shorter curves are drawn as they are."""
+    train = [(10 * i, float(v)) for i, v in enumerate([5, 1, 3, 7, 2, 2, 6], start=1)]
+    fig = viz.plot_losses({"train": train, "valid": [(20, 4.0), (70, 3.0)]}, smooth=3)
+    raw, mean, valid = fig.axes[0].get_lines()
+    np.testing.assert_array_equal(raw.get_ydata(), [5, 1, 3, 7, 2, 2, 6])
+    np.testing.assert_array_equal(mean.get_xdata(), [30, 40, 50, 60, 70])
+    np.testing.assert_allclose(mean.get_ydata(), [3, 11 / 3, 4, 11 / 3, 10 / 3])
+    assert mean.get_color() == raw.get_color() and raw.get_alpha() < 1
+    np.testing.assert_array_equal(valid.get_ydata(), [4.0, 3.0])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["train, mean of 3", "valid"]
 
 
 def test_save_figure_is_atomic(tmp_path, rng):
