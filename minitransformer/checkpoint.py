@@ -65,18 +65,28 @@ def _config(model):
 
 def read_checkpoint(path):
     """``(arrays, info)`` from a checkpoint file, loaded with ``allow_pickle=False``."""
+    return _read(path, arrays=True)
+
+
+def checkpoint_info(path):
+    """A checkpoint's ``info`` (``meta``, ``config``, …) without loading its arrays."""
+    return _read(path, arrays=False)[1]
+
+
+def _read(path, arrays):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
+            info = str(npz[_META]) if _META in npz.files else None
+            loaded = {k: npz[k] for k in npz.files if k != _META} if arrays else None
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # truncated, corrupt or not an npz
         raise ValueError(f"checkpoint {path} cannot be read ({e})") from None
-    if _META not in arrays:
+    if info is None:
         raise ValueError(f"checkpoint {path} is not a minitransformer checkpoint (no {_META})")
     try:
-        return arrays, json.loads(str(arrays.pop(_META)))
+        return loaded, json.loads(info)
     except ValueError as e:  # json.JSONDecodeError
         raise ValueError(f"checkpoint {path} has an unreadable {_META} ({e})") from None
 
@@ -99,7 +109,7 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, strict=True):
 
 def checkpoint_config(path):
     """The model configuration stored in a checkpoint (to rebuild the model before loading)."""
-    return read_checkpoint(path)[1]["config"]
+    return checkpoint_info(path)["config"]
 
 
 def average_checkpoints(paths):

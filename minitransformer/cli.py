@@ -463,6 +463,35 @@ def cmd_attention(args):
     return 0
 
 
+def cmd_average(args):
+    """§6.1: one model whose parameters are the mean of the run's last N checkpoints."""
+    from .checkpoint import average_checkpoints, checkpoint_info, save_checkpoint
+    from .nn.transformer import Transformer
+    run_dir = Path(args.checkpoint)
+    if args.last < 2:
+        raise UserError(f"--last {args.last}: averaging needs two or more checkpoints")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: expected a run directory (its last.npz and checkpoint-*.npz are averaged)")
+    by_step = {}
+    for path in [run_dir / "last.npz", *sorted(run_dir.glob("checkpoint-*.npz"))]:   # an interval one wins a tie
+        if path.is_file():
+            by_step[checkpoint_info(path)["meta"].get("step")] = path
+    steps = sorted(s for s in by_step if s is not None)[-args.last:]
+    if len(steps) < 2:
+        raise UserError(f"{run_dir}: {'no checkpoint' if not steps else 'one checkpoint'} to average, two or more "
+                        f"needed (train writes one every --checkpoint-every steps, and last.npz at the end)")
+    paths = [by_step[s] for s in steps]
+    config = checkpoint_info(paths[-1])["config"]
+    model = Transformer.from_config(config)
+    model.load_state_dict(average_checkpoints(paths))
+    out = run_dir / f"average-of-{len(paths)}.npz"   # beside config.json and tokenizer.model, which it needs
+    save_checkpoint(out, model, meta={"step": steps[-1], "averaged": [p.name for p in paths], "steps": steps})
+    fewer = f" (the run has {len(steps)}, not {args.last})" if len(steps) < args.last else ""
+    print(f"averaged the checkpoints of steps {', '.join(map(str, steps))}{fewer}\n{out}\n"
+          f"score it with:  {_PROG} evaluate --checkpoint {out}")
+    return 0
+
+
 def cmd_data_fetch(args):
     from .data import CORPORA, fetch_corpus, read_pairs
     path = fetch_corpus(args.corpus, progress=not args.no_progress)
@@ -601,6 +630,15 @@ def build_parser():
                     help="only these layers of each kind, counted from 1 (-1: the last), e.g. --layers 1,-1 "
                          "(default: all; the base model has 6 × 8 heads of each kind)")
     at.set_defaults(func=cmd_attention)
+
+    av = sub.add_parser("average", help="average a run's last checkpoints into one model (§6.1)",
+                        description="Write DIR/average-of-N.npz: one checkpoint whose parameters are the element-wise mean of the run's "
+                                    "last N checkpoints (interval ones and last.npz, by step), as the paper's base "
+                                    "models were (§6.1: the last 5). translate, evaluate and attention take it as "
+                                    "--checkpoint; it holds no optimiser state, so training cannot resume from it.")
+    av.add_argument("--checkpoint", required=True, metavar="DIR", help="run directory")
+    av.add_argument("--last", type=_positive_int, default=5, metavar="N", help="how many checkpoints (default 5)")
+    av.set_defaults(func=cmd_average)
 
     da = sub.add_parser("data", help="corpus utilities")
     dsub = da.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import minitransformer as mt
@@ -175,6 +176,41 @@ def test_resume_continues_a_run(cli, run_dir, tmp_path):
     assert "resuming" in done.stdout and "checkpoint-00000008.npz" in done.stdout
     assert "trained 10 steps" in done.stdout
     assert (copy / "checkpoint-00000010.npz").is_file() or (copy / "last.npz").is_file()
+
+
+def test_average_writes_the_mean_of_the_last_checkpoints(cli, run_dir, tmp_path):
+    """§6.1: `average` writes the element-wise mean of the run's last checkpoints (by step; last.npz
+    and checkpoint-8 are the same step, counted once) beside them, and the other commands take it."""
+    from minitransformer.checkpoint import checkpoint_info, read_checkpoint
+    from minitransformer.cli import latest_checkpoint
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    done = cli("average", "--checkpoint", copy)
+    assert done.returncode == 0, done.stderr
+    averaged = copy / "average-of-2.npz"
+    assert "steps 4, 8 (the run has 2, not 5)" in done.stdout and str(averaged) in done.stdout
+    arrays, info = read_checkpoint(averaged)
+    four, eight = (read_checkpoint(copy / f"checkpoint-0000000{n}.npz")[0] for n in (4, 8))
+    assert arrays.keys() == {k for k in four if k.startswith("model.")} and "optimizer" not in info
+    assert not np.array_equal(four["model.embedding.weight"], eight["model.embedding.weight"])
+    for name, value in arrays.items():
+        assert value.dtype == four[name].dtype
+        np.testing.assert_allclose(value, (four[name].astype(np.float64) + eight[name]) / 2, rtol=1e-6, atol=1e-7)
+    assert info["meta"] == {"step": 8, "steps": [4, 8], "averaged": ["checkpoint-00000004.npz", "checkpoint-00000008.npz"]}
+    assert info["config"] == checkpoint_info(copy / "last.npz")["config"]
+    assert latest_checkpoint(copy) == copy / "last.npz"       # a run directory still means its own last state
+    done = cli("translate", "--checkpoint", averaged, "--beam", "1", "I like cats.")
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1, done.stderr
+
+
+def test_average_refuses_what_it_cannot_average(cli, run_dir, tmp_path):
+    assert_user_error(cli("average", "--checkpoint", run_dir, "--last", "1"), "two or more")
+    assert_user_error(cli("average", "--checkpoint", run_dir / "last.npz"), "expected a run directory")
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(run_dir / "last.npz", one)
+    assert_user_error(cli("average", "--checkpoint", one), "one checkpoint to average")
+    assert_user_error(cli("average", "--checkpoint", tmp_path / "nothing"), "expected a run directory")
 
 
 def test_data_fetch_uses_the_cache(cli, cache):
