@@ -421,9 +421,17 @@ def _decode_device(args):
 def cmd_translate(args):
     from .evaluate import translate
     model, tokenizer, _, _ = load_run(args.checkpoint, _decode_device(args))
-    texts = args.text if args.text else [line.rstrip("\r\n") for line in sys.stdin]
-    for line in translate(model, tokenizer, [t.strip() for t in texts], beam_size=args.beam, alpha=args.alpha,
-                          batch_size=args.batch_size, cuda_graph=args.cuda_graph):
+
+    def run(texts):
+        return translate(model, tokenizer, [t.strip() for t in texts], beam_size=args.beam, alpha=args.alpha,
+                         batch_size=args.batch_size, cuda_graph=args.cuda_graph)
+    if not args.text and sys.stdin.isatty():   # someone typing: answer each line as it comes
+        print("type a sentence and press Enter; Ctrl-D (Ctrl-Z Enter on Windows) ends", file=sys.stderr, flush=True)
+        for line in sys.stdin:
+            print(run([line])[0], flush=True)
+        return 0
+    texts = args.text if args.text else [line.rstrip("\r\n") for line in sys.stdin]   # a file: in batches
+    for line in run(texts):
         print(line, flush=False)
     sys.stdout.flush()
     return 0
@@ -598,7 +606,8 @@ def build_parser():
                             "4-6x faster than without the cache, same hypotheses)")
 
     tr = sub.add_parser("translate", help="translate sentences with a trained model",
-                        description="Translate each TEXT, or each line of standard input; one line out per input.")
+                        description="Translate each TEXT, or each line of standard input; one line out per input. "
+                                    "Typed at a terminal, each line is answered as soon as you press Enter.")
     model_args(tr)
     tr.add_argument("text", nargs="*", metavar="TEXT")
     tr.add_argument("--beam", type=_positive_int, default=4, help="beam size (1: greedy; default 4)")

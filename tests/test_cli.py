@@ -125,6 +125,31 @@ def test_translate_stdin(cli, run_dir):
     assert len(done.stdout.splitlines()) == 3
 
 
+def test_translate_at_a_terminal_answers_each_line_at_once(cache, run_dir):
+    """Typed at a terminal, a line is translated when Enter is pressed, before the input ends (piped
+    input is read to its end first, to translate it in batches)."""
+    import pty
+    import select
+    env = {**os.environ, "MINITRANSFORMER_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "minitransformer", "translate", "--checkpoint", str(run_dir),
+                             "--beam", "1"], cwd=ROOT, env=env, stdin=slave, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    os.close(slave)
+    try:
+        os.write(master, b"I like cats.\n")
+        ready, _, _ = select.select([proc.stdout], [], [], 60)   # the answer comes while stdin is still open
+        assert ready and proc.stdout.readline().endswith(b"\n"), proc.poll()
+        os.write(master, b"Good night.\n\x04")                    # one more line, then Ctrl-D
+        rest, errors = proc.communicate(timeout=60)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, errors
+    assert len(rest.splitlines()) == 1 and b"Ctrl-D" in errors
+
+
 def test_translate_a_checkpoint_file(cli, run_dir):
     done = cli("translate", "--checkpoint", run_dir / "checkpoint-00000004.npz", "--beam", "1", "Hi.")
     assert done.returncode == 0, done.stderr
