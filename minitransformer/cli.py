@@ -1,15 +1,16 @@
-"""The command line: ``minitransformer train | translate | evaluate | attention | data fetch``.
+"""The command line: ``minitransformer train | translate | evaluate | attention | average | data fetch``.
 
     minitransformer train                       # Tatoeba en→es, preset and time budget fit the machine
     minitransformer train --preset small --minutes 60 --out runs/small
     minitransformer translate --checkpoint runs/small "How are you?"
     minitransformer evaluate --checkpoint runs/small --split test
     minitransformer attention --checkpoint runs/small "I like cats." --out cats.png
+    minitransformer average --checkpoint runs/small --last 5
     minitransformer data fetch --corpus spa
 
 A run directory holds everything needed to use the model again: ``config.json`` (model, data and
 training settings), ``tokenizer.model``, interval checkpoints ``checkpoint-<step>.npz``,
-``last.npz``, ``bleu.json`` and ``attention.png``. A user mistake prints one line,
+``last.npz``, ``bleu.json``, ``attention.png`` and ``losses.png``. A user mistake prints one line,
 ``minitransformer: error: …``, and exits 1 (2 for a bad command line); set MINITRANSFORMER_DEBUG=1
 to see the traceback instead.
 """
@@ -54,6 +55,11 @@ EVAL_RESERVE_MINUTES = {"cpu": 2.0, "cuda": 3.0}
 # a 12-minute run took 19.5 s on an idle VM, but 500 took 0.4 min on a busy one (docs/results.md), so a
 # fixed random sample keeps the command inside its time budget there.
 DEFAULT_TEST_LIMIT = {"cpu": 500, "cuda": None}
+# Settings of ``train`` that shape a run (model, vocabulary, batches, schedule, regularisation): given on
+# the command line they override the preset; a resumed run keeps its own and refuses them.
+RUN_SETTINGS = {"vocab_size": "--vocab-size", "max_tokens": "--max-tokens", "warmup_steps": "--warmup-steps",
+                "dropout": "--dropout", "d_model": "--d-model", "num_heads": "--heads", "num_layers": "--layers",
+                "d_ff": "--d-ff", "label_smoothing": "--label-smoothing", "positions": "--positions"}
 MAX_LEN = 64           # sentence pairs longer than this many subword tokens are left out of training
 SPLIT = dict(valid_size=0.02, test_size=0.02)
 
@@ -219,6 +225,13 @@ def cmd_train(args):
     if args.resume:
         if not args.out:
             raise UserError("--resume needs --out DIR, the run directory to continue")
+        fixed = [flag for flag, given in [("--reverse", args.reverse),
+                                          ("--preset", args.preset != "auto"), ("--limit", args.limit is not None),
+                                          *((flag, getattr(args, key) is not None)
+                                            for key, flag in RUN_SETTINGS.items())] if given]
+        if fixed:
+            raise UserError(f"--resume continues {out} with the settings it was started with; "
+                            f"{', '.join(fixed)} cannot change (start a new run with another --out)")
         config = _read_config(out)
         ckpt = latest_checkpoint(out)
         if ckpt is None:
@@ -231,7 +244,7 @@ def cmd_train(args):
         tcfg.cuda_graph = tcfg.cuda_graph or args.cuda_graph
         _say(f"resuming {out} from {ckpt.name} on {device}")
         tokenizer = _read_tokenizer(out)
-        splits = run_splits(data_settings, progress=progress)
+        splits = run_splits(data_settings, data=args.data, progress=progress)   # --data: the file, moved
         ids = {name: _encode(tokenizer, pairs, data_settings.get("max_len", MAX_LEN)) for name, pairs in splits.items()}
         model_config = read_checkpoint(ckpt)[1]["config"]
         if model_config["vocab_size"] != tokenizer.vocab_size:
@@ -245,9 +258,12 @@ def cmd_train(args):
                             f"or choose another --out")
         preset_name = AUTO_PRESET[device] if args.preset == "auto" else args.preset
         preset = dict(PRESETS[preset_name])
-        for key in ("vocab_size", "max_tokens", "warmup_steps", "dropout"):
-            if getattr(args, key) is not None:
+        for key in RUN_SETTINGS:
+            if key in preset and getattr(args, key) is not None:
                 preset[key] = getattr(args, key)
+        if preset["d_model"] % preset["num_heads"]:
+            raise UserError(f"{preset['num_heads']} heads do not divide d_model {preset['d_model']} "
+                            f"(each head gets d_model / h dimensions, §3.2.2): choose --heads or --d-model to fit")
         seed = args.seed
         data_path = _data_path(args.data, progress)
         data_settings = dict(path=str(Path(data_path).resolve()), reverse=args.reverse, split_seed=args.split_seed,
@@ -260,9 +276,12 @@ def cmd_train(args):
         data_settings["vocab_size_actual"] = tokenizer.vocab_size
         backend.manual_seed(seed)
         model = Transformer(tokenizer.vocab_size, d_model=preset["d_model"], num_heads=preset["num_heads"],
-                            num_layers=preset["num_layers"], d_ff=preset["d_ff"], dropout=preset["dropout"])
+                            num_layers=preset["num_layers"], d_ff=preset["d_ff"], dropout=preset["dropout"],
+                            learned_positions=args.positions == "learned")
         tcfg = TrainConfig(warmup_steps=preset["warmup_steps"], steps=args.steps or 0, minutes=args.minutes or 0.0,
                            cuda_graph=args.cuda_graph)
+        if args.label_smoothing is not None:
+            tcfg.label_smoothing = args.label_smoothing
     model.to(device)
 
     for key in ("eval_every", "checkpoint_every"):
@@ -307,7 +326,9 @@ def cmd_train(args):
                           ([f"{tcfg.minutes:g} min"] if tcfg.minutes else []))
     _say(f"run directory {out}\n"
          f"model: preset {preset_name} (d_model {model.config.d_model}, {model.config.num_heads} heads, "
-         f"{model.config.num_layers}+{model.config.num_layers} layers, d_ff {model.config.d_ff}), "
+         f"{model.config.num_layers}+{model.config.num_layers} layers, d_ff {model.config.d_ff}"
+         f"{', learned positions' if model.config.learned_positions else ''}, P_drop {model.config.dropout:g}, "
+         f"eps_ls {tcfg.label_smoothing:g}), "
          f"{model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}, on {device}\n"
          f"data: {n_train:,} training pairs in {len(train_batches)} batches of ≤{preset['max_tokens']} tokens, "
          f"{len(ids['valid'][0]):,} valid, {len(splits['test']):,} test\n"
@@ -543,6 +564,13 @@ def _nonnegative_int(text):
     return value
 
 
+def _probability(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
 def _positive_float(text):
     value = float(text)
     if not value > 0:
@@ -563,7 +591,7 @@ def build_parser():
                                    f"so the whole command ends within {DEFAULT_TOTAL_MINUTES['cpu']:g} minutes on a "
                                    "CPU (including the final test BLEU and the attention plot).")
     t.add_argument("--data", help="source<TAB>target TSV file, or a corpus name (spa, ukr); default: spa, "
-                                  "downloaded and cached on first use")
+                                  "downloaded and cached on first use (with --resume: where the run's file is now)")
     t.add_argument("--reverse", action="store_true", help="swap the columns (e.g. Spanish→English)")
     t.add_argument("--preset", default="auto", choices=[*PRESETS, "auto"],
                    help=f"model size (default auto: {AUTO_PRESET['cpu']} on cpu, {AUTO_PRESET['cuda']} on cuda)")
@@ -576,7 +604,15 @@ def build_parser():
     t.add_argument("--max-tokens", type=_positive_int, help="tokens per batch and side (default: the preset's)")
     t.add_argument("--vocab-size", type=_positive_int, help="BPE vocabulary size (default: the preset's)")
     t.add_argument("--warmup-steps", type=_positive_int, help="Noam warm-up steps (default: the preset's)")
-    t.add_argument("--dropout", type=float, help="P_drop (default: the preset's)")
+    t.add_argument("--dropout", type=_probability, metavar="P", help="P_drop, §5.4 (default: the preset's)")
+    # Table 3's variations (§6.2), each overriding the preset
+    t.add_argument("--d-model", type=_positive_int, help="d_model (default: the preset's)")
+    t.add_argument("--heads", type=_positive_int, dest="num_heads", metavar="H", help="h, attention heads; must divide d_model")
+    t.add_argument("--layers", type=_positive_int, dest="num_layers", metavar="N", help="N, layers of the encoder and of the decoder")
+    t.add_argument("--d-ff", type=_positive_int, help="d_ff, the feed-forward's inner size")
+    t.add_argument("--label-smoothing", type=_probability, metavar="EPS", help="eps_ls, §5.4 (default 0.1)")
+    t.add_argument("--positions", choices=["sinusoidal", "learned"],
+                   help="positional encoding, §3.5 (default sinusoidal; Table 3 (E): learned)")
     t.add_argument("--limit", type=_positive_int, help="use only the first N pairs of the file (quick runs)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--eval-every", type=_positive_int, help="validation loss and sample translations every N steps")
