@@ -1,0 +1,98 @@
+"""The paper's Table 3 (§6.2, variations on the Transformer), at the size of a CPU: one
+`minitransformer train` run per row, all for the same number of steps on the same data, then the
+held-out perplexity and test BLEU of each.
+
+    python benchmarks/table3.py [--steps 800] [--jobs 2] [--out runs/table3] [--rows base,A1,E]
+
+Rows change one thing of the ``tiny`` preset (d_model 128, h 4, N 2, d_ff 512, P_drop 0.1,
+eps_ls 0.1, sinusoidal positions), named after Table 3's groups: (A) the number of heads at a fixed
+d_model, (C) the depth, (D) dropout and label smoothing, (E) learned positions. ``base2`` is the
+base row with another seed: how far two runs of the same row land apart, to read the rest against.
+Runs go ``--jobs`` at a time (each on one BLAS thread); a finished row (its bleu.json there) is
+read, not trained again. ``--json``: one line per row.
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROWS = {   # name: (what changes, the train options that change it)
+    "base": ("tiny preset: h 4, d_k 32, N 2, P_drop 0.1, eps_ls 0.1, sinusoidal", []),
+    "base2": ("the same, seed 1", ["--seed", "1"]),
+    "A1": ("(A) h 1, d_k 128", ["--heads", "1"]),
+    "A16": ("(A) h 16, d_k 8", ["--heads", "16"]),
+    "C4": ("(C) N 4", ["--layers", "4"]),
+    "D0": ("(D) P_drop 0", ["--dropout", "0"]),
+    "Dls0": ("(D) eps_ls 0", ["--label-smoothing", "0"]),
+    "E": ("(E) learned positions", ["--positions", "learned"]),
+}
+
+
+def train(name, args):
+    out = Path(args.out) / name
+    if (out / "bleu.json").is_file():
+        return name, out, None
+    command = [sys.executable, "-m", "minitransformer", "train", "--preset", "tiny", "--steps", str(args.steps),
+               "--eval-every", str(args.steps), "--checkpoint-every", str(args.steps), "--test-limit",
+               str(args.test_limit), "--no-progress", "--out", str(out), *ROWS[name][1]]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if args.jobs > 1:
+        env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = "1"
+    print(f"[{name}] {' '.join(command[2:])}", file=sys.stderr, flush=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.log").write_text(done.stdout + done.stderr)
+    if done.returncode:
+        raise RuntimeError(f"{name}: train exited {done.returncode}:\n{done.stderr[-2000:]}")
+    return name, out, done.stdout
+
+
+def row(name, out):
+    bleu = json.loads((out / "bleu.json").read_text())
+    log = (out / "train.log").read_text() if (out / "train.log").is_file() else ""
+    parameters = re.search(r"([\d,]+) parameters", log)
+    minutes = re.search(r"trained \d+ steps in ([\d.]+) min", log)
+    return {"row": name, "change": ROWS[name][0],
+            "parameters": int(parameters.group(1).replace(",", "")) if parameters else None,
+            "train_minutes": float(minutes.group(1)) if minutes else None,
+            "valid_loss": bleu.get("valid_loss"), "bleu": bleu["bleu"], "chrf": bleu["chrf"], "n": bleu["n"],
+            "step": bleu.get("step")}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", default="runs/table3")
+    parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    parser.add_argument("--test-limit", type=int, default=500)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    names = args.rows.split(",")
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        finished = list(pool.map(lambda n: train(n, args), names))
+    rows = [row(name, out) for name, out, _ in finished]
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        return
+    print(f"{args.steps} steps each; held-out loss: valid split, no smoothing; BLEU: {rows[0]['n']} test sentences, beam 4")
+    print("| row | change | parameters | held-out loss | perplexity | BLEU | chrF | train min |")
+    print("|---|---|---|---|---|---|---|---|")
+    import math
+    for r in rows:
+        print(f"| {r['row']} | {r['change']} | {r['parameters']:,} | {r['valid_loss']:.3f} | "
+              f"{math.exp(r['valid_loss']):.2f} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['train_minutes']} |")
+
+
+if __name__ == "__main__":
+    main()
