@@ -204,7 +204,7 @@ def _fmt_minutes(seconds):
 
 def cmd_train(args):
     from . import backend
-    from .checkpoint import read_checkpoint, write_json
+    from .checkpoint import checkpoint_config, write_json
     from .data import TokenBatcher, prepare_corpus
     from .evaluate import translate
     from .nn.transformer import Transformer
@@ -246,7 +246,7 @@ def cmd_train(args):
         tokenizer = _read_tokenizer(out)
         splits = run_splits(data_settings, data=args.data, progress=progress)   # --data: the file, moved
         ids = {name: _encode(tokenizer, pairs, data_settings.get("max_len", MAX_LEN)) for name, pairs in splits.items()}
-        model_config = read_checkpoint(ckpt)[1]["config"]
+        model_config = checkpoint_config(ckpt)
         if model_config["vocab_size"] != tokenizer.vocab_size:
             raise UserError(f"{ckpt} has a vocabulary of {model_config['vocab_size']} but "
                             f"{out / 'tokenizer.model'} has {tokenizer.vocab_size}")
