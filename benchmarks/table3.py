@@ -6,7 +6,7 @@ held-out perplexity and test BLEU of each.
 
 Rows change one thing of the ``tiny`` preset (d_model 128, h 4, N 2, d_ff 512, P_drop 0.1,
 eps_ls 0.1, sinusoidal positions), named after Table 3's groups: (A) the number of heads at a fixed
-d_model, (C) the depth, (D) dropout and label smoothing, (E) learned positions. ``base2`` is the
+d_model, (C) the depth (and the deeper model with a longer warm-up), (D) dropout and label smoothing, (E) learned positions. ``base2`` is the
 base row with another seed: how far two runs of the same row land apart, to read the rest against.
 Runs go ``--jobs`` at a time (each on one BLAS thread); a finished row (its bleu.json there) is
 read, not trained again. ``--json``: one line per row.
@@ -27,7 +27,9 @@ ROWS = {   # name: (what changes, the train options that change it)
     "base2": ("the same, seed 1", ["--seed", "1"]),
     "A1": ("(A) h 1, d_k 128", ["--heads", "1"]),
     "A16": ("(A) h 16, d_k 8", ["--heads", "16"]),
+    "C1": ("(C) N 1", ["--layers", "1"]),
     "C4": ("(C) N 4", ["--layers", "4"]),
+    "C4w": ("(C) N 4, warm-up 1,600 steps (not 400)", ["--layers", "4", "--warmup-steps", "1600"]),
     "D0": ("(D) P_drop 0", ["--dropout", "0"]),
     "Dls0": ("(D) eps_ls 0", ["--label-smoothing", "0"]),
     "E": ("(E) learned positions", ["--positions", "learned"]),
