@@ -2,7 +2,7 @@
 `minitransformer train` run per row, all for the same number of steps on the same data, then the
 held-out perplexity and test BLEU of each.
 
-    python benchmarks/table3.py [--steps 800] [--jobs 2] [--out runs/table3] [--rows base,A1,E]
+    python benchmarks/table3.py [--steps 800] [--jobs 2] [--out runs/table3] [--rows base,A1,E] [--train-args "…"]
 
 Rows change one thing of the ``tiny`` preset (d_model 128, h 4, N 2, d_ff 512, P_drop 0.1,
 eps_ls 0.1, sinusoidal positions), named after Table 3's groups: (A) the number of heads at a fixed
@@ -42,7 +42,7 @@ def train(name, args):
         return name, out, None
     command = [sys.executable, "-m", "minitransformer", "train", "--preset", "tiny", "--steps", str(args.steps),
                "--eval-every", str(args.steps), "--checkpoint-every", str(args.steps), "--test-limit",
-               str(args.test_limit), "--no-progress", "--out", str(out), *ROWS[name][1]]
+               str(args.test_limit), "--no-progress", "--out", str(out), *args.train_args.split(), *ROWS[name][1]]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if args.jobs > 1:
         env["OPENBLAS_NUM_THREADS"] = env["OMP_NUM_THREADS"] = "1"
@@ -75,6 +75,8 @@ def main():
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     parser.add_argument("--test-limit", type=int, default=500)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--train-args", default="", help="more options for every row's train, e.g. "
+                                                            "\"--data my.tsv --vocab-size 300\"")
     args = parser.parse_args()
     names = args.rows.split(",")
     unknown = [n for n in names if n not in ROWS]

@@ -266,6 +266,22 @@ def test_train_refuses_variations_that_do_not_fit(cli, tmp_path, run_dir):
                       "--dropout, --heads cannot change")
 
 
+def test_the_table_3_benchmark_trains_each_row_with_its_change(cache, tmp_path):
+    """benchmarks/table3.py: one train run per row, each with its own change, read back into one table."""
+    env = {**os.environ, "MINITRANSFORMER_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
+    extra = f"--data {SAMPLE} --vocab-size 300 --max-tokens 400 --beam 1"
+    done = subprocess.run([sys.executable, "benchmarks/table3.py", "--steps", "2", "--rows", "base,A1,E", "--out",
+                           str(tmp_path), "--test-limit", "2", "--json", "--train-args", extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = {r["row"]: r for r in map(json.loads, done.stdout.splitlines())}
+    assert list(rows) == ["base", "A1", "E"] and all(r["step"] == 2 and r["n"] == 2 for r in rows.values())
+    models = {name: json.loads((tmp_path / name / "config.json").read_text())["model"] for name in rows}
+    assert models["base"]["num_heads"] == 4 and models["A1"]["num_heads"] == 1
+    assert not models["base"]["learned_positions"] and models["E"]["learned_positions"]
+    assert rows["E"]["parameters"] > rows["base"]["parameters"] == rows["A1"]["parameters"]
+
+
 def test_data_fetch_uses_the_cache(cli, cache):
     shutil.copy(SAMPLE, cache / "spa.tsv")           # a cached corpus: no download
     done = cli("data", "fetch", "--corpus", "spa", "--no-progress")
