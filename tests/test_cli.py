@@ -31,11 +31,16 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cli(cache):
-    """``cli(*args, stdin=None)`` -> CompletedProcess of ``python -m minitransformer args``, in the repo root."""
+def env(cache):
+    """The environment of the commands the tests run: this checkout, a corpus cache of the module's own."""
     env = {**os.environ, "MINITRANSFORMER_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     env.pop("MINITRANSFORMER_DEBUG", None)
+    return env
 
+
+@pytest.fixture(scope="module")
+def cli(env):
+    """``cli(*args, stdin=None)`` -> CompletedProcess of ``python -m minitransformer args``, in the repo root."""
     def run(*args, stdin=None, timeout=120):
         return subprocess.run([sys.executable, "-m", "minitransformer", *map(str, args)], cwd=ROOT, env=env,
                               input=stdin, capture_output=True, text=True, timeout=timeout)
@@ -125,12 +130,11 @@ def test_translate_stdin(cli, run_dir):
     assert len(done.stdout.splitlines()) == 3
 
 
-def test_translate_at_a_terminal_answers_each_line_at_once(cache, run_dir):
+def test_translate_at_a_terminal_answers_each_line_at_once(env, run_dir):
     """Typed at a terminal, a line is translated when Enter is pressed, before the input ends (piped
     input is read to its end first, to translate it in batches)."""
     import pty
     import select
-    env = {**os.environ, "MINITRANSFORMER_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     master, slave = pty.openpty()
     proc = subprocess.Popen([sys.executable, "-m", "minitransformer", "translate", "--checkpoint", str(run_dir),
                              "--beam", "1"], cwd=ROOT, env=env, stdin=slave, stdout=subprocess.PIPE,
@@ -266,9 +270,8 @@ def test_train_refuses_variations_that_do_not_fit(cli, tmp_path, run_dir):
                       "--dropout, --heads cannot change")
 
 
-def test_the_table_3_benchmark_trains_each_row_with_its_change(cache, tmp_path):
+def test_the_table_3_benchmark_trains_each_row_with_its_change(env, tmp_path):
     """benchmarks/table3.py: one train run per row, each with its own change, read back into one table."""
-    env = {**os.environ, "MINITRANSFORMER_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     extra = f"--data {SAMPLE} --vocab-size 300 --max-tokens 400 --beam 1"
     done = subprocess.run([sys.executable, "benchmarks/table3.py", "--steps", "2", "--rows", "base,A1,E", "--out",
                            str(tmp_path), "--test-limit", "2", "--json", "--train-args", extra], cwd=ROOT, env=env,
@@ -374,12 +377,11 @@ def test_resume_needs_a_run(cli, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT")
-def test_ctrl_c_saves_and_explains_how_to_resume(cli, cache, tmp_path):
+def test_ctrl_c_saves_and_explains_how_to_resume(env, tmp_path):
     """Ctrl-C while training: last.npz is written, the resume command is printed, exit 130, no traceback."""
     import signal
     import time
     out = tmp_path / "run"
-    env = {**os.environ, "MINITRANSFORMER_CACHE": str(cache), "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "minitransformer", "train", "--data", str(SAMPLE), *QUICK,
                              "--steps", "100000", "--out", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
