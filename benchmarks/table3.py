@@ -30,6 +30,7 @@ ROWS = {   # name: (what changes, the train options that change it)
     "C1": ("(C) N 1", ["--layers", "1"]),
     "C4": ("(C) N 4", ["--layers", "4"]),
     "C4w": ("(C) N 4, warm-up 1,600 steps (not 400)", ["--layers", "4", "--warmup-steps", "1600"]),
+    "C4p": ("(C) N 4, pre-LN (not the paper's)", ["--layers", "4", "--norm-first"]),
     "D0": ("(D) P_drop 0", ["--dropout", "0"]),
     "Dls0": ("(D) eps_ls 0", ["--label-smoothing", "0"]),
     "E": ("(E) learned positions", ["--positions", "learned"]),

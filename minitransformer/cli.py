@@ -59,7 +59,8 @@ DEFAULT_TEST_LIMIT = {"cpu": 500, "cuda": None}
 # the command line they override the preset; a resumed run keeps its own and refuses them.
 RUN_SETTINGS = {"vocab_size": "--vocab-size", "max_tokens": "--max-tokens", "warmup_steps": "--warmup-steps",
                 "dropout": "--dropout", "d_model": "--d-model", "num_heads": "--heads", "num_layers": "--layers",
-                "d_ff": "--d-ff", "label_smoothing": "--label-smoothing", "positions": "--positions"}
+                "d_ff": "--d-ff", "label_smoothing": "--label-smoothing", "positions": "--positions",
+                "norm_first": "--norm-first"}
 MAX_LEN = 64           # sentence pairs longer than this many subword tokens are left out of training
 SPLIT = dict(valid_size=0.02, test_size=0.02)
 
@@ -277,7 +278,7 @@ def cmd_train(args):
         backend.manual_seed(seed)
         model = Transformer(tokenizer.vocab_size, d_model=preset["d_model"], num_heads=preset["num_heads"],
                             num_layers=preset["num_layers"], d_ff=preset["d_ff"], dropout=preset["dropout"],
-                            learned_positions=args.positions == "learned")
+                            learned_positions=args.positions == "learned", norm_first=bool(args.norm_first))
         tcfg = TrainConfig(warmup_steps=preset["warmup_steps"], steps=args.steps or 0, minutes=args.minutes or 0.0,
                            cuda_graph=args.cuda_graph)
         if args.label_smoothing is not None:
@@ -327,7 +328,8 @@ def cmd_train(args):
     _say(f"run directory {out}\n"
          f"model: preset {preset_name} (d_model {model.config.d_model}, {model.config.num_heads} heads, "
          f"{model.config.num_layers}+{model.config.num_layers} layers, d_ff {model.config.d_ff}"
-         f"{', learned positions' if model.config.learned_positions else ''}, P_drop {model.config.dropout:g}, "
+         f"{', learned positions' if model.config.learned_positions else ''}"
+         f"{', pre-LN' if model.config.norm_first else ''}, P_drop {model.config.dropout:g}, "
          f"eps_ls {tcfg.label_smoothing:g}), "
          f"{model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}, on {device}\n"
          f"data: {n_train:,} training pairs in {len(train_batches)} batches of ≤{preset['max_tokens']} tokens, "
@@ -613,6 +615,9 @@ def build_parser():
     t.add_argument("--label-smoothing", type=_probability, metavar="EPS", help="eps_ls, §5.4 (default 0.1)")
     t.add_argument("--positions", choices=["sinusoidal", "learned"],
                    help="positional encoding, §3.5 (default sinusoidal; Table 3 (E): learned)")
+    t.add_argument("--norm-first", action="store_true", default=None,
+                   help="LayerNorm before each sublayer, x + Sublayer(LayerNorm(x)) (pre-LN; not the paper's "
+                        "LayerNorm(x + Sublayer(x)), §3.1)")
     t.add_argument("--limit", type=_positive_int, help="use only the first N pairs of the file (quick runs)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     t.add_argument("--eval-every", type=_positive_int, help="validation loss and sample translations every N steps")

@@ -246,16 +246,17 @@ def test_train_with_table_3_variations(cli, tmp_path):
     """The paper's Table 3 knobs override the preset, are stored in the run, and the run loads with them."""
     out = tmp_path / "variant"
     done = cli("train", "--data", SAMPLE, *QUICK, "--steps", "2", "--out", out, "--d-model", "32", "--heads", "2",
-               "--layers", "1", "--d-ff", "48", "--dropout", "0.2", "--label-smoothing", "0", "--positions", "learned")
+               "--layers", "1", "--d-ff", "48", "--dropout", "0.2", "--label-smoothing", "0", "--positions", "learned",
+               "--norm-first")
     assert done.returncode == 0, done.stderr
-    assert "d_model 32, 2 heads, 1+1 layers, d_ff 48, learned positions, P_drop 0.2, eps_ls 0)" in done.stdout
+    assert "d_model 32, 2 heads, 1+1 layers, d_ff 48, learned positions, pre-LN, P_drop 0.2, eps_ls 0)" in done.stdout
     config = json.loads((out / "config.json").read_text())
     assert {k: config["model"][k] for k in ("d_model", "num_heads", "num_layers", "d_ff", "dropout", "learned_positions")} \
         == dict(d_model=32, num_heads=2, num_layers=1, d_ff=48, dropout=0.2, learned_positions=True)
     assert config["train"]["label_smoothing"] == 0.0
     from minitransformer.cli import load_run
     model = load_run(out)[0]
-    assert model.config.learned_positions and len(model.encoder.layers) == 1
+    assert model.config.learned_positions and model.config.norm_first and len(model.encoder.layers) == 1
     assert model.positional_encoding.state_dict()       # learned: a parameter table, loaded from the run
 
 
@@ -266,8 +267,8 @@ def test_train_refuses_variations_that_do_not_fit(cli, tmp_path, run_dir):
     assert done.returncode == 2 and "expected a number in [0, 1), got 1" in done.stderr
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    assert_user_error(cli("train", "--resume", "--out", copy, "--heads", "2", "--dropout", "0.3"),
-                      "--dropout, --heads cannot change")
+    assert_user_error(cli("train", "--resume", "--out", copy, "--heads", "2", "--dropout", "0.3", "--norm-first"),
+                      "--dropout, --heads, --norm-first cannot change")
 
 
 def test_the_table_3_benchmark_trains_each_row_with_its_change(env, tmp_path):
