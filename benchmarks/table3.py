@@ -6,21 +6,23 @@ held-out perplexity and test BLEU of each.
 
 Rows change one thing of the ``tiny`` preset (d_model 128, h 4, N 2, d_ff 512, P_drop 0.1,
 eps_ls 0.1, sinusoidal positions), named after Table 3's groups: (A) the number of heads at a fixed
-d_model, (C) the depth (and the deeper model with a longer warm-up), (D) dropout and label smoothing, (E) learned positions. ``base2`` is the
-base row with another seed: how far two runs of the same row land apart, to read the rest against.
-Runs go ``--jobs`` at a time (each on one BLAS thread); a finished row (its bleu.json there) is
-read, not trained again. ``--json``: one line per row.
+d_model, (C) the depth (and the deeper model with a longer warm-up, or pre-LN), (D) dropout and
+label smoothing, (E) learned positions. ``base2`` is the base row with another seed: how far two runs
+of the same row land apart, to read the rest against. Runs go ``--jobs`` at a time (with more than
+one, each on one BLAS thread); a finished row (its bleu.json there) is read, not trained again.
+``--json``: one line per row.
 """
 import argparse
 import json
+import math
 import os
-import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 ROWS = {   # name: (what changes, the train options that change it)
     "base": ("tiny preset: h 4, d_k 32, N 2, P_drop 0.1, eps_ls 0.1, sinusoidal", []),
@@ -40,7 +42,7 @@ ROWS = {   # name: (what changes, the train options that change it)
 def train(name, args):
     out = Path(args.out) / name
     if (out / "bleu.json").is_file():
-        return name, out, None
+        return out
     command = [sys.executable, "-m", "minitransformer", "train", "--preset", "tiny", "--steps", str(args.steps),
                "--eval-every", str(args.steps), "--checkpoint-every", str(args.steps), "--test-limit",
                str(args.test_limit), "--no-progress", "--out", str(out), *args.train_args.split(), *ROWS[name][1]]
@@ -53,17 +55,18 @@ def train(name, args):
     (out / "train.log").write_text(done.stdout + done.stderr)
     if done.returncode:
         raise RuntimeError(f"{name}: train exited {done.returncode}:\n{done.stderr[-2000:]}")
-    return name, out, done.stdout
+    return out
 
 
 def row(name, out):
+    """A row from what the run wrote: bleu.json, and last.npz's model configuration and training time."""
+    from minitransformer.checkpoint import checkpoint_info
+    from minitransformer.nn.transformer import Transformer
     bleu = json.loads((out / "bleu.json").read_text())
-    log = (out / "train.log").read_text() if (out / "train.log").is_file() else ""
-    parameters = re.search(r"([\d,]+) parameters", log)
-    minutes = re.search(r"trained \d+ steps in ([\d.]+) min", log)
+    info = checkpoint_info(out / "last.npz")
     return {"row": name, "change": ROWS[name][0],
-            "parameters": int(parameters.group(1).replace(",", "")) if parameters else None,
-            "train_minutes": float(minutes.group(1)) if minutes else None,
+            "parameters": Transformer.from_config(info["config"]).num_parameters(),   # tied weights once
+            "train_minutes": round(info["meta"]["elapsed"] / 60, 1),
             "valid_loss": bleu.get("valid_loss"), "bleu": bleu["bleu"], "chrf": bleu["chrf"], "n": bleu["n"],
             "step": bleu.get("step")}
 
@@ -85,7 +88,7 @@ def main():
         parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
     with ThreadPoolExecutor(args.jobs) as pool:
         finished = list(pool.map(lambda n: train(n, args), names))
-    rows = [row(name, out) for name, out, _ in finished]
+    rows = [row(name, out) for name, out in zip(names, finished)]
     if args.json:
         for r in rows:
             print(json.dumps(r))
@@ -93,7 +96,6 @@ def main():
     print(f"{args.steps} steps each; held-out loss: valid split, no smoothing; BLEU: {rows[0]['n']} test sentences, beam 4")
     print("| row | change | parameters | held-out loss | perplexity | BLEU | chrF | train min |")
     print("|---|---|---|---|---|---|---|---|")
-    import math
     for r in rows:
         print(f"| {r['row']} | {r['change']} | {r['parameters']:,} | {r['valid_loss']:.3f} | "
               f"{math.exp(r['valid_loss']):.2f} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['train_minutes']} |")
