@@ -423,7 +423,7 @@ def loss_curves(trainer, final_valid_loss=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# translate, evaluate, attention, data fetch
+# translate, evaluate, attention, average, data fetch
 # ---------------------------------------------------------------------------------------------------
 
 def _device(name):
