@@ -15,8 +15,8 @@ import pytest
 
 import minitransformer as mt
 from minitransformer import backend, checkpoint
-from minitransformer.checkpoint import (atomic_write, average_checkpoints, checkpoint_config, load_checkpoint,
-                                        read_checkpoint, save_checkpoint)
+from minitransformer.checkpoint import (atomic_write, average_checkpoints, checkpoint_config, checkpoint_info,
+                                        load_checkpoint, read_checkpoint, save_checkpoint)
 from minitransformer.data import collate
 from minitransformer.nn import Transformer
 from minitransformer.optim import Adam, NoamSchedule
@@ -98,6 +98,7 @@ def test_file_is_plain_arrays_and_json(tmp_path):
     assert info["optimizer"] == {"type": "Adam", "step_count": 3, "lr": optimizer.lr}
     assert info["schedule"] == {"step_count": 3}
     assert checkpoint_config(path) == model.config.__dict__
+    assert checkpoint_info(path) == info            # the same JSON, read without the arrays
     rebuilt = Transformer.from_config(checkpoint_config(path))
     load_checkpoint(path, rebuilt)
     assert_same_params(model, rebuilt)
@@ -173,6 +174,8 @@ def test_missing_path_is_file_not_found(tmp_path):
         load_checkpoint(tmp_path / "nope.npz", Transformer(**SMALL))
     with pytest.raises(FileNotFoundError):
         average_checkpoints([tmp_path / "nope.npz"])
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        checkpoint_info(tmp_path / "nope.npz")
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated_header", "half", "last_bytes", "garbage", "corrupt",
@@ -203,6 +206,9 @@ def test_damaged_file_is_a_value_error_naming_the_path(tmp_path, damage):
         np.savez(bad, **arrays)
     with pytest.raises(ValueError, match=str(bad.name)):
         load_checkpoint(bad, Transformer(**SMALL))
+    if damage != "corrupt":     # (zeroed array bytes: the JSON alone still reads)
+        with pytest.raises(ValueError, match=str(bad.name)):
+            checkpoint_info(bad)
 
 
 # ---- atomic saves ------------------------------------------------------------------------------
