@@ -71,7 +71,14 @@ for _op, _ours, _theirs, _draw in UNARY:
             return [draw(rng, *shape)], ours, theirs
         case(_op, f"{_shape}")(_make)
 
-for _p, _draw in [(2, normal), (3, normal), (0.5, positive), (-1.5, positive), (1, normal)]:
+def with_zeros(rng, *shape):
+    """Normal values with some exact zeros (where x**0's derivative 0·x**-1 must not be nan)."""
+    x = rng.standard_normal(shape)
+    x.reshape(-1)[::3] = 0.0
+    return x
+
+
+for _p, _draw in [(2, normal), (3, normal), (0.5, positive), (-1.5, positive), (1, normal), (0, with_zeros)]:
     @case("pow", f"p={_p}")
     def _make(rng, p=_p, draw=_draw):
         return [draw(rng, 3, 4)], (lambda x: F.pow(x, p)), (lambda x: torch.pow(x, p))
@@ -221,10 +228,24 @@ for _shape, _sizes, _axis in [((7, 3), 3, 0), ((7, 3), [2, 4, 1], 0), ((2, 6), 2
 for _name, _index in [("slices", (slice(1, None), slice(None, None, 2))), ("int", 1), ("neg-int", -2),
                       ("int-slice", (2, slice(0, 3))), ("none-ellipsis", (Ellipsis, None, 0)),
                       ("ids-repeated", [0, 3, 0, 0, 2]), ("ids-axis1", (slice(None), [1, 1, 0])),
-                      ("id-pairs", ([0, 0, 3, 1], [2, 2, 0, 2]))]:
+                      ("id-pairs", ([0, 0, 3, 1], [2, 2, 0, 2])),
+                      # copies, not views, although no array is in them: NumPy's advanced indexing
+                      ("bool-scalar", True), ("int-bool", (0, True)), ("range", range(1, 3)),
+                      ("tuple-in-tuple", (slice(None), (2, 0))),
+                      ("bool-mask", np.array([True, False, True, True])),
+                      ("bool-mask-2d", (slice(None), np.array([[True, False], [False, True], [True, True]])))]:
     @case("getitem", _name)
     def _make(rng, index=_index):
-        return [normal(rng, 4, 3, 2)], (lambda x: F.getitem(x, index)), (lambda x: x[index])
+        return [normal(rng, 4, 3, 2)], (lambda x: F.getitem(x, index)), (lambda x: x[torch_index(index)])
+
+
+def torch_index(index):
+    """The same index for a torch tensor: arrays as tensors, ranges and tuples inside as lists."""
+    def one(i):
+        if isinstance(i, np.ndarray):
+            return torch.from_numpy(i)
+        return list(i) if isinstance(i, (range, tuple)) else i
+    return tuple(one(i) for i in index) if isinstance(index, tuple) else one(index)
 
 for _shape, _axes in [((2, 3, 4), (1, 0, 2)), ((2, 3, 4, 5), (2, 0, 3, 1)), ((3, 4), (0, 1))]:
     @case("contiguous", f"{_shape}-{_axes}")
@@ -599,6 +620,44 @@ def test_add_and_norm_is_dropout_add_layer_norm(dtype, device, randn, rng):
         assert mt.gradcheck(add_norm, x, s, w, b)
     evaluated = F.add_and_norm(x, s, w, b, dropout_p=0.3, training=False)
     np.testing.assert_allclose(evaluated.numpy(), F.layer_norm(x + s, w, b).numpy(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("op", ["dropout", "add_and_norm"])
+def test_dropout_matches_torch_with_the_same_mask(op, dtype, device, rng):
+    """PyTorch draws its own masks: with ours handed over, ``dropout(x)`` is ``x·m`` and Add & Norm
+    with dropout ``LayerNorm(x + s·m)`` (§5.4), forward and gradients."""
+    p, shape = 0.3, (3, 5, 8)
+    keep = dropout_keep_mask(shape, p, 5, device)
+    assert (keep == 0).any() and (keep != 0).any()
+    arrays = [normal(rng, *shape), normal(rng, *shape), 1.0 + 0.3 * normal(rng, 8), normal(rng, 8)]
+    if op == "dropout":
+        arrays = arrays[:1]
+    mine = [mt.tensor(a, dtype=dtype, device=device, requires_grad=True) for a in arrays]
+    ref = [torch.tensor(a, dtype=TORCH_DTYPE[dtype], requires_grad=True) for a in arrays]
+    m = torch.tensor(keep, dtype=TORCH_DTYPE[dtype])
+    mt.manual_seed(5)
+    if op == "dropout":
+        out, expected = F.dropout(mine[0], p), ref[0] * m
+    else:
+        out = F.add_and_norm(*mine, dropout_p=p, training=True)
+        expected = TF.layer_norm(ref[0] + ref[1] * m, (8,), ref[2], ref[3])
+    assert_close(out.numpy(), expected, dtype, f"{op} forward")
+    g = rng.standard_normal(shape)
+    out.backward(g)
+    expected.backward(torch.tensor(g, dtype=TORCH_DTYPE[dtype]))
+    for i, (t, r) in enumerate(zip(mine, ref)):
+        assert_close(grad_of(t), r.grad, dtype, f"{op} gradient of input {i}")
+
+
+def test_astype_to_integers_has_no_gradient(device, randn):
+    """As in PyTorch: a cast to integers or booleans gives a constant, not an integer tensor
+    that claims a gradient."""
+    x = randn(3, 4)
+    for dtype in (np.int64, np.int32, np.bool_):
+        y = F.astype(x, dtype)
+        assert y.dtype == dtype and not y.requires_grad and y.is_leaf
+    assert F.astype(x, np.float32).requires_grad
 
 
 def test_dropout_eval_and_p0_are_identity(device, randn):

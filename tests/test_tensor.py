@@ -248,9 +248,26 @@ def test_ndarray_on_the_left_calls_tensor_reflected_ops(device, randn):
     x = randn(3)
     a = mt.backend.xp_for(device).asarray([1.0, 2.0, 3.0])    # an array of the tensor's own device
     host = mt.backend.to_numpy(a)
-    for y, expected in [(a + x, host + x.numpy()), (a - x, host - x.numpy()), (a * x, host * x.numpy())]:
+    for y, expected in [(a + x, host + x.numpy()), (a - x, host - x.numpy()), (a * x, host * x.numpy()),
+                        (a / x, host / x.numpy())]:
         assert isinstance(y, mt.Tensor)
         np.testing.assert_allclose(y.numpy(), expected)
+
+
+def test_reflected_matmul_and_astype_match_torch(device, rng):
+    """``array @ tensor`` (``__rmatmul__``) and ``Tensor.astype``, forward and gradients."""
+    a, b = rng.standard_normal((2, 3)), rng.standard_normal((3, 4))
+    x = mt.tensor(b, device=device, requires_grad=True)
+    y = (mt.backend.xp_for(device).asarray(a) @ x).astype(np.float32)
+    assert isinstance(y, mt.Tensor) and y.dtype == np.float32
+    t = torch.tensor(b, requires_grad=True)
+    expected = (torch.tensor(a) @ t).to(torch.float32)
+    np.testing.assert_allclose(y.numpy(), expected.detach().numpy(), rtol=1e-6)
+    g = rng.standard_normal((2, 4)).astype(np.float32)
+    y.backward(g)
+    expected.backward(torch.tensor(g))
+    assert x.grad.dtype == np.float64
+    np.testing.assert_allclose(mt.backend.to_numpy(x.grad), t.grad.numpy(), rtol=1e-6)
 
 
 def test_comparisons_give_boolean_tensors(device):

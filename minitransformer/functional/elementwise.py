@@ -5,6 +5,8 @@ summed back to its own shape (``unbroadcast``). Derivations: docs/backward.md#el
 """
 from numbers import Number
 
+import numpy as np
+
 from .. import backend, kernels
 from ..tensor import Tensor, as_tensor, check_same_device, make_op, unbroadcast
 
@@ -81,6 +83,8 @@ def pow(x, exponent):
         raise TypeError(f"pow: the exponent must be a Python number, got {type(exponent).__name__}")
 
     def backward(g):
+        if exponent == 0:      # x**0 is constant; p * x**(p-1) would be 0 * inf = nan at x = 0
+            return (x.xp.zeros_like(x.data),)
         return (g * (exponent * x.data ** (exponent - 1)),)
     return make_op(x.data ** exponent, (x,), backward, "pow")
 
@@ -123,6 +127,9 @@ def relu(x):
 
 
 def astype(x, dtype):
-    """Change the dtype; backward casts the gradient back."""
+    """Change the dtype; backward casts the gradient back. A cast to integers or booleans has no
+    gradient (as in PyTorch): its output is a constant."""
     source = x.dtype
+    if np.dtype(dtype).kind != "f":
+        return Tensor(x.data.astype(dtype))
     return make_op(x.data.astype(dtype), (x,), lambda g: (g.astype(source),), "astype")

@@ -1,6 +1,8 @@
 """Ops that move elements around without arithmetic: reshape, transpose, indexing, concat,
 split, contiguous, masked_fill. Each backward puts the gradient back where the element came from.
 docs/backward.md#shape-ops."""
+import numpy as np
+
 from .. import backend
 from ..tensor import PartBackward, Tensor, as_tensor, check_same_device, make_op
 
@@ -38,8 +40,10 @@ def _plain_index(index, x):
             if i.device != x.device:
                 raise ValueError(f"getitem: index is on {i.device} but the tensor is on {x.device}")
             return i.data
-        if isinstance(i, list):
-            return x.xp.asarray(i)
+        if isinstance(i, (list, tuple, range)):   # a sequence inside an index is an integer array
+            return x.xp.asarray(list(i))
+        if isinstance(i, (bool, np.bool_)):        # a boolean scalar too (a copy, not a view)
+            return x.xp.asarray(bool(i))
         if backend.is_array(i) and backend.device_of(i) != x.device:
             return backend.to_device(i, x.device)
         return i
@@ -47,6 +51,8 @@ def _plain_index(index, x):
 
 
 def _is_advanced(index):
+    """Whether ``x[index]`` is a copy rather than a view (``_plain_index`` has made every
+    non-basic item an array): its backward scatters, a view's adds a ``Part`` in place."""
     items = index if isinstance(index, tuple) else (index,)
     return any(backend.is_array(i) for i in items)
 
