@@ -2,17 +2,58 @@
 schedule ``lrate = d_model^-0.5 · min(step^-0.5, step · warmup_steps^-1.5)``; plus SGD and
 gradient-norm clipping. Updates happen in place on ``Parameter.data`` and build no graph."""
 import math
+import numbers
 
 from . import backend, kernels
+from .nn.module import Module
+from .tensor import Tensor
+
+
+def _as_list(owner, params):
+    """``params`` listed once (a generator is spent after one pass), or a TypeError naming what came
+    instead: a single tensor would be iterated row by row, and no step updates its rows."""
+    expected = f"{owner}: params must be an iterable of tensors (e.g. model.parameters())"
+    if isinstance(params, Tensor):
+        raise TypeError(f"{expected}, got a single {type(params).__name__}; pass [p]")
+    if isinstance(params, Module):
+        raise TypeError(f"{expected}, got the module {type(params).__name__}; pass model.parameters()")
+    try:
+        return list(params)
+    except TypeError:
+        raise TypeError(f"{expected}, got {type(params).__name__}") from None
+
+
+def _check_number(owner, name, value, ok, expected):
+    """A finite real ``value`` with ``ok(value)``, else an error saying what ``name`` must be."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{owner}: {name} must be {expected}, got {value}")
+
+
+def _check_positive_int(owner, name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
 class Optimizer:
     def __init__(self, params, lr):
-        self.params = list(params)
+        name = type(self).__name__
+        self.params = _as_list(name, params)
         if not self.params:
-            raise ValueError(f"{type(self).__name__}: got an empty parameter list")
-        if lr < 0:
-            raise ValueError(f"{type(self).__name__}: lr must be >= 0, got {lr}")
+            raise ValueError(f"{name}: got an empty parameter list")
+        first = {}                      # id -> first index: a repeated tensor would be updated twice a step
+        for i, p in enumerate(self.params):
+            if not isinstance(p, Tensor):
+                if isinstance(p, tuple) and len(p) == 2 and isinstance(p[1], Tensor):
+                    raise TypeError(f"{name}: params must be tensors, got (name, tensor) pairs ({p[0]!r}); "
+                                    "pass model.parameters(), not model.named_parameters()")
+                raise TypeError(f"{name}: params must be tensors, got a {type(p).__name__} at index {i}")
+            j = first.setdefault(id(p), i)
+            if j != i:
+                raise ValueError(f"{name}: params[{i}] is the same tensor as params[{j}] (shape {p.shape}); "
+                                 "each parameter may appear once")
+        _check_number(name, "lr", lr, lambda x: x >= 0, "a finite number >= 0")
         self.lr = lr
         self.step_count = 0
 
@@ -49,6 +90,7 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr, momentum=0.0):
         super().__init__(params, lr)
+        _check_number("SGD", "momentum", momentum, lambda m: m >= 0, "a finite number >= 0")
         self.momentum = momentum
         self.velocity = [p.xp.zeros_like(p.data) for p in self.params] if momentum else []
 
@@ -80,7 +122,14 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.98), eps=1e-9):
         super().__init__(params, lr)
-        self.betas, self.eps = betas, eps
+        try:
+            beta1, beta2 = betas
+        except (TypeError, ValueError):
+            raise TypeError(f"Adam: betas must be a pair (β1, β2), got {betas!r}") from None
+        for name, beta in (("betas[0] (β1)", beta1), ("betas[1] (β2)", beta2)):   # β = 1: 1 - β^t = 0 divides
+            _check_number("Adam", name, beta, lambda b: 0 <= b < 1, "in [0, 1)")
+        _check_number("Adam", "eps", eps, lambda e: e > 0, "a finite number > 0")
+        self.betas, self.eps = (beta1, beta2), eps
         self.m = [p.xp.zeros_like(p.data) for p in self.params]
         self.v = [p.xp.zeros_like(p.data) for p in self.params]
         self._plan = None, None
@@ -140,8 +189,12 @@ class NoamSchedule:
     """
 
     def __init__(self, optimizer, d_model, warmup_steps=4000, factor=1.0):
-        if warmup_steps <= 0:
-            raise ValueError(f"NoamSchedule: warmup_steps must be positive, got {warmup_steps}")
+        if not hasattr(optimizer, "lr"):     # step() writes the rate there
+            raise TypeError("NoamSchedule: optimizer must be an optimizer with an `lr` attribute "
+                            f"(e.g. optim.Adam(model.parameters())), got {type(optimizer).__name__}")
+        _check_positive_int("NoamSchedule", "d_model", d_model)       # d_model^-0.5 of a negative is complex
+        _check_positive_int("NoamSchedule", "warmup_steps", warmup_steps)
+        _check_number("NoamSchedule", "factor", factor, lambda f: f >= 0, "a finite number >= 0")
         self.optimizer, self.d_model = optimizer, d_model
         self.warmup_steps, self.factor = warmup_steps, factor
         self.step_count = 0
@@ -166,6 +219,8 @@ class NoamSchedule:
 def clip_grad_norm(params, max_norm):
     """Scale all gradients so their global L2 norm is at most ``max_norm``; return the norm
     before clipping as a 0-d array on the device (reading it is the only host sync)."""
+    params = _as_list("clip_grad_norm", params)   # two passes below: a generator would be spent by the first
+    _check_number("clip_grad_norm", "max_norm", max_norm, lambda x: x > 0, "a finite number > 0")
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0

@@ -134,6 +134,85 @@ def test_negative_lr_raises(cls, rng):
         cls(ours, lr=-1.0)
 
 
+@pytest.mark.parametrize("cls", [Adam, SGD])
+def test_a_single_parameter_raises(cls, rng):
+    """Iterating one tensor yields its rows: nothing would be updated."""
+    p = make_params(rng, "cpu", "float64")[0][0]
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: params must be an iterable of tensors.*single Parameter"):
+        cls(p, lr=0.1)
+
+
+@pytest.mark.parametrize("cls", [Adam, SGD])
+def test_a_module_or_named_parameters_raises(cls):
+    model = mt.nn.Linear(3, 4)
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: params must be an iterable of tensors.*module Linear"):
+        cls(model, lr=0.1)
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: .*\(name, tensor\) pairs.*named_parameters"):
+        cls(model.named_parameters(), lr=0.1)
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: params must be an iterable of tensors.*got float"):
+        cls(0.1, lr=0.1)
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: params must be tensors, got a ndarray at index 1"):
+        cls([model.weight, np.zeros(3)], lr=0.1)
+
+
+@pytest.mark.parametrize("make", [lambda ps: Adam(ps, lr=0.01), lambda ps: SGD(ps, lr=0.05, momentum=0.9)],
+                         ids=["adam", "sgd"])
+def test_a_generator_of_parameters_works_like_a_list(device, make, rng):
+    ours, _ = make_params(rng, device, "float64")
+    twins = [Parameter(mt.tensor(p.numpy(), device=device).data) for p in ours]
+    opt, ref = make(p for p in ours), make(twins)
+    assert len(opt.params) == len(ours)
+    for _ in range(3):
+        for p, q in zip(ours, twins):
+            p.grad = q.grad = mt.tensor(rng.standard_normal(p.shape), device=device).data
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, twins):
+        np.testing.assert_array_equal(p.numpy(), q.numpy())
+
+
+@pytest.mark.parametrize("cls", [Adam, SGD])
+def test_a_repeated_parameter_raises(cls, rng):
+    ours, _ = make_params(rng, "cpu", "float64")
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: params\[3\] is the same tensor as params\[1\]"):
+        cls(ours + [ours[1]], lr=1.0)
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -1e-3])
+@pytest.mark.parametrize("cls", [Adam, SGD])
+def test_non_finite_or_negative_lr_raises(cls, lr, rng):
+    ours, _ = make_params(rng, "cpu", "float64")
+    with pytest.raises(ValueError, match=rf"{cls.__name__}: lr must be a finite number >= 0, got {lr}"):
+        cls(ours, lr=lr)
+    with pytest.raises(TypeError, match=rf"{cls.__name__}: lr must be a real number, got str"):
+        cls(ours, lr="0.1")
+
+
+@pytest.mark.parametrize("betas, which", [((1.0, 0.98), 0), ((0.9, 1.0), 1), ((-0.1, 0.98), 0),
+                                          ((0.9, float("nan")), 1)])
+def test_adam_betas_outside_0_1_raise(betas, which, rng):
+    """β = 1 makes the bias correction 1 - β^t zero: step() would divide by it."""
+    ours, _ = make_params(rng, "cpu", "float64")
+    with pytest.raises(ValueError, match=rf"Adam: betas\[{which}\].*must be in \[0, 1\)"):
+        Adam(ours, betas=betas)
+    with pytest.raises(TypeError, match=r"Adam: betas must be a pair"):
+        Adam(ours, betas=0.9)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-9, float("nan"), float("inf")])
+def test_adam_eps_must_be_positive(eps, rng):
+    ours, _ = make_params(rng, "cpu", "float64")
+    with pytest.raises(ValueError, match=r"Adam: eps must be a finite number > 0"):
+        Adam(ours, eps=eps)
+
+
+@pytest.mark.parametrize("momentum", [-0.5, float("nan")])
+def test_sgd_momentum_must_be_non_negative(momentum, rng):
+    ours, _ = make_params(rng, "cpu", "float64")
+    with pytest.raises(ValueError, match=r"SGD: momentum must be a finite number >= 0"):
+        SGD(ours, lr=0.1, momentum=momentum)
+
+
 def test_zero_grad_clears_gradients(device, rng):
     ours, theirs = make_params(rng, device, "float64")
     set_grads(rng, ours, theirs)
@@ -172,6 +251,27 @@ def test_noam_schedule_rejects_bad_warmup(rng):
     opt = SGD(make_params(rng, "cpu", "float64")[0], lr=0.1)
     with pytest.raises(ValueError, match="warmup_steps"):
         NoamSchedule(opt, 512, warmup_steps=0)
+
+
+@pytest.mark.parametrize("d_model, warmup_steps, bad", [(-8, 4, "d_model"), (0, 4, "d_model"), (8.5, 4, "d_model"),
+                                                      (8, -4, "warmup_steps"), (8, 2.5, "warmup_steps")])
+def test_noam_schedule_rejects_non_positive_int_sizes(d_model, warmup_steps, bad, rng):
+    """A negative d_model would make d_model^-0.5, and so the rate, complex."""
+    opt = SGD(make_params(rng, "cpu", "float64")[0], lr=0.1)
+    with pytest.raises(ValueError, match=rf"NoamSchedule: {bad} must be a positive int"):
+        NoamSchedule(opt, d_model, warmup_steps)
+
+
+@pytest.mark.parametrize("factor", [-1.0, float("nan"), float("inf")])
+def test_noam_schedule_rejects_bad_factor(factor, rng):
+    opt = SGD(make_params(rng, "cpu", "float64")[0], lr=0.1)
+    with pytest.raises(ValueError, match=r"NoamSchedule: factor must be a finite number >= 0"):
+        NoamSchedule(opt, 8, 4, factor)
+
+
+def test_noam_schedule_needs_something_with_an_lr():
+    with pytest.raises(TypeError, match=r"NoamSchedule: optimizer must be an optimizer with an `lr` attribute.*Linear"):
+        NoamSchedule(mt.nn.Linear(3, 4), 8, 4)
 
 
 def test_noam_schedule_state_round_trip(rng):
@@ -222,6 +322,37 @@ def test_clip_grad_norm_ignores_missing_gradients(device, rng):
     assert float(total) == pytest.approx(float(ref_total), rel=1e-12)
     assert ours[1].grad is None
     assert float(clip_grad_norm(ours[1:2], 1.0)) == 0.0        # nothing to clip
+
+
+def test_clip_grad_norm_clips_a_generator(device, rng):
+    """The norm and the scaling are two passes: a generator must be listed first, not spent by the norm."""
+    ours, theirs = make_params(rng, device, "float64")
+    set_grads(rng, ours, theirs, scale=10.0)
+    total = clip_grad_norm((p for p in ours), 0.5)
+    ref_total = torch.nn.utils.clip_grad_norm_(theirs, 0.5)
+    assert float(total) == pytest.approx(float(ref_total), rel=1e-12)
+    for p, t in zip(ours, theirs):
+        np.testing.assert_allclose(mt.backend.to_numpy(p.grad), t.grad.numpy(), **TOL["float64"])
+
+
+@pytest.mark.parametrize("max_norm", [-1.0, 0.0, float("nan"), float("inf")])
+def test_clip_grad_norm_rejects_bad_max_norm(max_norm, rng):
+    """A negative max_norm would flip the sign of every gradient."""
+    ours, theirs = make_params(rng, "cpu", "float64")
+    set_grads(rng, ours, theirs)
+    before = [p.grad for p in ours]
+    with pytest.raises(ValueError, match=r"clip_grad_norm: max_norm must be a finite number > 0"):
+        clip_grad_norm(ours, max_norm)
+    assert all(p.grad is g for p, g in zip(ours, before))
+
+
+def test_clip_grad_norm_rejects_a_single_parameter_or_a_module(rng):
+    p = make_params(rng, "cpu", "float64")[0][0]
+    p.grad = p.xp.ones_like(p.data)
+    with pytest.raises(TypeError, match=r"clip_grad_norm: params must be an iterable of tensors.*single Parameter"):
+        clip_grad_norm(p, 1.0)
+    with pytest.raises(TypeError, match=r"clip_grad_norm: params must be an iterable of tensors.*module Linear"):
+        clip_grad_norm(mt.nn.Linear(3, 4), 1.0)
 
 
 # ---- optimiser state: an exact resume -------------------------------------------------------
