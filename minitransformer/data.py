@@ -38,6 +38,23 @@ class DataError(Exception):
     """A problem with the user's data or download; the message is one line, meant for the user."""
 
 
+def _check_int(op: str, name: str, value, minimum: int) -> None:
+    """Reject floats and bools as well: they would pass ``>=`` and fail later, far from the caller."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_texts(op: str, texts, hint: str) -> list[str]:
+    """``texts`` as a list of str; a bare str would otherwise be iterated as one text per character."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError(f"{op}: expected an iterable of sentences, got {type(texts).__name__} {texts[:40]!r}; {hint}")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"{op}: expected str sentences, got {type(t).__name__} at index {i}")
+    return texts
+
+
 # ---------------------------------------------------------------------------------------------------
 # 1. Corpus
 # ---------------------------------------------------------------------------------------------------
@@ -139,6 +156,8 @@ def read_pairs(path: str | Path, reverse: bool = False, errors: str = "skip") ->
     if errors not in ("skip", "stop"):
         raise ValueError(f"read_pairs: errors must be 'skip' or 'stop', got {errors!r}")
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory; expected a TSV file of source<TAB>target lines")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     pairs, bad = [], []
@@ -182,9 +201,15 @@ def split_pairs(pairs: list[tuple[str, str]], valid_size: float | int = 0.02, te
     to test, the next to valid. A size is a fraction of distinct sources (float) or a count of them (int).
     Pairs keep their original order within each split.
     """
+    for name, size in (("valid_size", valid_size), ("test_size", test_size)):
+        if isinstance(size, float) and not 0 <= size < 1:
+            raise ValueError(f"split_pairs: a float {name} is a fraction of the distinct sources, in [0, 1), "
+                             f"got {size}; give an int for a count")
+        if not isinstance(size, float):
+            _check_int("split_pairs", name, size, 0)
     sources = list(dict.fromkeys(src for src, _ in pairs))
     n_test, n_valid = (round(s * len(sources)) if isinstance(s, float) else int(s) for s in (test_size, valid_size))
-    if n_test < 0 or n_valid < 0 or n_test + n_valid >= len(sources):
+    if n_test + n_valid >= len(sources):
         raise DataError(f"valid_size={valid_size} and test_size={test_size} leave no training sentences "
                         f"out of {len(sources)} distinct sources")
     key = lambda s: hashlib.blake2b(f"{seed}:{s}".encode(), digest_size=8).digest()  # noqa: E731
@@ -202,6 +227,9 @@ def filter_by_length(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len
     The source row is x itself; the target rows are [bos] + y and y + [eos], one longer than y. So a pair
     is kept when 1 <= len(x) <= max_len and 1 <= len(y) <= max_len - 1.
     """
+    if len(src_ids) != len(tgt_ids):  # zip would silently drop the extra sentences
+        raise ValueError(f"filter_by_length: {len(src_ids)} sources but {len(tgt_ids)} targets")
+    _check_int("filter_by_length", "max_len", max_len, 2)  # a target row is at least [bos, y0]
     return [i for i, (x, y) in enumerate(zip(src_ids, tgt_ids)) if 0 < len(x) <= max_len and 0 < len(y) < max_len]
 
 
@@ -219,8 +247,17 @@ class Tokenizer:
     pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
 
     def __init__(self, model_bytes: bytes):
+        if isinstance(model_bytes, (str, os.PathLike)):
+            raise TypeError(f"Tokenizer: expected the model's bytes (e.g. another tokenizer's .model_bytes), "
+                            f"got {type(model_bytes).__name__} {str(model_bytes)!r}; to read a file use "
+                            f"Tokenizer.load(path)")
         self.model_bytes = bytes(model_bytes)  # the serialized ModelProto; a checkpoint can embed it
-        self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
+        try:  # sentencepiece skips loading an empty proto, leaving a processor with no model
+            self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes) if self.model_bytes else None
+        except RuntimeError:
+            self.sp = None
+        if self.sp is None:
+            raise ValueError(f"Tokenizer: {len(self.model_bytes)} bytes that are not a sentencepiece model")
         got = (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id())
         if got != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
             raise DataError(f"sentencepiece model has special ids pad/unk/bos/eos={got}, expected 0/1/2/3")
@@ -236,7 +273,12 @@ class Tokenizer:
         refuses; we then retrain with ``hard_vocab_limit=False``, which returns the largest vocabulary
         the texts allow (a warning says so). Extra ``options`` go to ``SentencePieceTrainer.train``.
         """
-        texts = list(texts)
+        texts = _check_texts("Tokenizer.train", texts, "give a list of sentences, e.g. text.splitlines()")
+        if not any(t.strip() for t in texts):
+            raise ValueError(f"Tokenizer.train: needs at least one non-empty text, got "
+                             f"{f'{len(texts)} blank one(s)' if texts else 'none'}")
+        # the ids 0-3 are pad/unk/bos/eos, and the texts need at least one piece of their own
+        _check_int("Tokenizer.train", "vocab_size", vocab_size, 5)
         settings = dict(vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
                         input_sentence_size=input_sentence_size, normalization_rule_name="identity",
                         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_piece="<pad>",
@@ -250,14 +292,21 @@ class Tokenizer:
 
         def run(**extra):
             buf = io.BytesIO()
-            spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, minloglevel=2,
-                                           num_threads=os.cpu_count() or 1, **settings, **extra)
+            try:
+                spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, minloglevel=2,
+                                               num_threads=os.cpu_count() or 1, **settings, **extra)
+            except RuntimeError as e:
+                msg = " ".join(str(e).split())
+                if "Vocabulary size too high" in msg and not extra:
+                    raise  # retried below with a soft limit
+                if "smaller than required_chars" in msg:  # every distinct character needs a piece
+                    raise ValueError(f"Tokenizer.train: vocab_size={vocab_size} is too small for the characters "
+                                     f"of these texts (sentencepiece: {msg})") from None
+                raise ValueError(f"Tokenizer.train: sentencepiece refused these settings: {msg}") from None
             return buf.getvalue()
         try:
             model = run()
-        except RuntimeError as e:
-            if "Vocabulary size too high" not in str(e):
-                raise
+        except RuntimeError:
             model = run(hard_vocab_limit=False)
             warnings.warn(f"{len(texts)} texts are too few for vocab_size={vocab_size}; trained "
                           f"{cls(model).vocab_size} pieces instead", stacklevel=2)
@@ -271,7 +320,16 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        return cls(Path(path).read_bytes())
+        path = Path(path)
+        try:
+            model_bytes = path.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"Tokenizer.load: no such file: {path}") from None
+        try:
+            return cls(model_bytes)
+        except ValueError:
+            raise ValueError(f"Tokenizer.load: {path} is not a sentencepiece model "
+                             f"(a tokenizer is saved by Tokenizer.save, e.g. as tokenizer.model)") from None
 
     def save(self, path: str | Path) -> Path:
         """Write the model bytes atomically (temp file + rename), creating the directory if needed."""
@@ -286,28 +344,56 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
+    def _check_text(self, op: str, text) -> None:
+        # sentencepiece takes a list too and silently returns one id list per element
+        if not isinstance(text, str):
+            raise TypeError(f"Tokenizer.{op}: expected one str, got {type(text).__name__}; "
+                            f"for several sentences use encode_batch")
+
+    def _check_ids(self, op: str, ids: list[int]) -> None:
+        """min/max first, so the common in-range case costs two passes and no per-id test."""
+        n = self.vocab_size
+        if ids and (min(ids) < 0 or max(ids) >= n):
+            bad = sorted({i for i in ids if not 0 <= i < n})
+            raise ValueError(f"Tokenizer.{op}: ids must lie in [0, {n}) (vocab_size {n}), got "
+                             f"{', '.join(map(str, bad[:5]))}{', …' if len(bad) > 5 else ''}")
+
     def encode(self, text: str) -> list[int]:
         """Subword ids of ``text``, without bos/eos (the batcher adds those)."""
+        self._check_text("encode", text)
         return self.sp.encode(text, out_type=int)
 
     def encode_batch(self, texts: Iterable[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts), out_type=int)
+        texts = _check_texts("Tokenizer.encode_batch", texts, "for one sentence use encode")
+        return self.sp.encode(texts, out_type=int)
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` up to the first eos; pad and bos are dropped (so a raw model output row works)."""
+        batch_hint = "decode one row at a time: [tok.decode(row) for row in batch]"
+        if isinstance(ids, (str, bytes)) or getattr(ids, "ndim", 1) != 1:
+            what = f"shape {ids.shape}" if hasattr(ids, "shape") else type(ids).__name__
+            raise TypeError(f"Tokenizer.decode: expected one sequence of int ids, got {what}; {batch_hint}")
         out = []
-        for i in map(int, ids):
+        for x in ids:
+            try:
+                i = int(x)
+            except (TypeError, ValueError):  # a list (a batch of rows) or a str
+                raise TypeError(f"Tokenizer.decode: expected one sequence of int ids, got an element of type "
+                                f"{type(x).__name__}; {batch_hint}") from None
             if i == EOS_ID:
                 break
             if i not in (PAD_ID, BOS_ID):
                 out.append(i)
+        self._check_ids("decode", out)
         return self.sp.decode(out)
 
     def id_to_piece(self, i: int) -> str:
+        self._check_ids("id_to_piece", [int(i)])
         return self.sp.id_to_piece(int(i))
 
     def pieces(self, text: str) -> list[str]:
         """Subword strings of ``text``, e.g. for the axes of an attention plot."""
+        self._check_text("pieces", text)
         return self.sp.encode(text, out_type=str)
 
 
@@ -341,8 +427,28 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _check_no_empty_source(op: str, src_ids) -> None:
+    # a row of pads attends to nothing, and a batch of them has S = 0, which the encoder cannot take
+    if empty := [i for i, x in enumerate(src_ids) if len(x) == 0]:
+        shown = ", ".join(map(str, empty[:5])) + (", …" if len(empty) > 5 else "")
+        raise ValueError(f"{op}: source sentence(s) {shown} have no tokens; drop them first (filter_by_length does)")
+
+
 def collate(src_ids: list[list[int]], tgt_ids: list[list[int]], indices=None, pad_to_multiple: int = 1) -> Batch:
     """Pad a list of (x, y) id lists into a ``Batch``; lengths are rounded up to ``pad_to_multiple``."""
+    for name, rows in (("src_ids", src_ids), ("tgt_ids", tgt_ids)):
+        if len(rows) and isinstance(rows[0], (int, np.integer)):  # one sentence's ids, not a list of them
+            raise TypeError(f"collate: {name} must be a list of id lists, one per sentence, got a list of ints; "
+                            f"for one sentence pass [ids]")
+    if len(src_ids) != len(tgt_ids):
+        raise ValueError(f"collate: {len(src_ids)} sources but {len(tgt_ids)} targets")
+    if len(src_ids) == 0:
+        raise ValueError("collate: empty batch (no sentences)")
+    _check_int("collate", "pad_to_multiple", pad_to_multiple, 1)
+    _check_no_empty_source("collate", src_ids)
+    if indices is not None and np.shape(indices) != (len(src_ids),):
+        raise ValueError(f"collate: indices must have shape ({len(src_ids)},), one per sentence, "
+                         f"got {np.shape(indices)}")
     S = _round_up(max(len(x) for x in src_ids), pad_to_multiple)
     T = _round_up(max(len(y) for y in tgt_ids) + 1, pad_to_multiple)
     src = np.full((len(src_ids), S), PAD_ID, dtype=np.int64)
@@ -375,6 +481,7 @@ class TokenBatcher:
         if max_tokens < 1 or bucket_size < 1 or pad_to_multiple < 1:
             raise ValueError(f"TokenBatcher: max_tokens, bucket_size and pad_to_multiple must be >= 1, "
                              f"got {max_tokens}, {bucket_size}, {pad_to_multiple}")
+        _check_no_empty_source("TokenBatcher", src_ids)  # here, not epochs later inside collate
         self.src_ids, self.tgt_ids = src_ids, tgt_ids
         self.max_tokens, self.seed, self.shuffle, self.pad_to_multiple = max_tokens, seed, shuffle, pad_to_multiple
         self.next_epoch = 0
@@ -435,8 +542,12 @@ def prepare_corpus(path: str | Path | None = None, reverse: bool = False, vocab_
     the first N pairs for quick runs (spa.tsv is ordered by length, so these are the shortest). The
     tokenizer sees the train split only, both sides, so valid/test stay unseen.
     """
+    if limit is not None:
+        _check_int("prepare_corpus", "limit", limit, 1)  # a negative limit would slice off the end silently
     if path is None or (str(path) in CORPORA and not Path(path).exists()):
         path = fetch_corpus(str(path or "spa"), cache=cache, progress=progress)
+    elif not Path(path).exists():
+        raise DataError(f"{path}: no such file, and not a corpus name ({', '.join(CORPORA)})")
     pairs = read_pairs(path, reverse=reverse)[:limit]
     splits = split_pairs(pairs, valid_size=valid_size, test_size=test_size, seed=seed)
     train = splits["train"]

@@ -121,6 +121,11 @@ def test_read_missing_empty_binary(tmp_path):
         data.read_pairs(tmp_path / "model.bin")
 
 
+def test_read_directory_is_named_as_such(tmp_path):
+    with pytest.raises(DataError, match="is a directory"):
+        data.read_pairs(tmp_path)
+
+
 def test_read_bad_lines_skip_or_stop(tmp_path):
     f = tmp_path / "bad.tsv"
     f.write_bytes(b"\xef\xbb\xbfHello.\tHola.\n"      # 1: fine, with a byte-order mark
@@ -188,6 +193,24 @@ def test_split_sizes_must_leave_training_data():
         data.split_pairs([("a", "b"), ("c", "d")], valid_size=1, test_size=1)
 
 
+@pytest.mark.parametrize("sizes, match", [
+    (dict(valid_size=-1), "valid_size must be an int >= 0, got -1"),
+    (dict(test_size=-0.1), r"float test_size is a fraction .* in \[0, 1\), got -0.1"),
+    (dict(valid_size=2.0), r"float valid_size is a fraction .*got 2.0; give an int for a count"),
+])
+def test_split_sizes_must_be_fractions_or_counts(pairs, sizes, match):
+    with pytest.raises(ValueError, match=match):
+        data.split_pairs(pairs, **sizes)
+
+
+def test_filter_by_length_checks_its_arguments():
+    with pytest.raises(ValueError, match="filter_by_length: 2 sources but 1 targets"):
+        data.filter_by_length([[5], [6]], [[7]], max_len=4)  # zip would have dropped the second pair
+    for max_len in (0, 1, -3, 4.0):
+        with pytest.raises(ValueError, match=f"max_len must be an int >= 2, got {max_len}"):
+            data.filter_by_length([[5]], [[6]], max_len=max_len)
+
+
 def test_filter_by_length():
     src = [[5] * 4, [5] * 5, [5] * 2, [], [5]]
     tgt = [[6] * 3, [6] * 2, [6] * 4, [6], []]
@@ -242,6 +265,85 @@ def test_train_too_small_corpus_shrinks_vocab():
     with pytest.warns(UserWarning, match="too few"):
         tok = data.Tokenizer.train(["hello world", "the cat sat"] * 3, vocab_size=5000)
     assert 4 < tok.vocab_size < 5000 and tok.decode(tok.encode("the cat")) == "the cat"
+
+
+def test_decode_of_a_batch_points_at_decoding_rows(tok):
+    rows = [tok.encode("Hola."), tok.encode("Tom.")]
+    with pytest.raises(TypeError, match=r"decode: expected one sequence .*element of type list.*for row in batch"):
+        tok.decode(rows)
+    with pytest.raises(TypeError, match=r"decode: expected one sequence of int ids, got shape \(2, 3\)"):
+        tok.decode(np.full((2, 3), 5))
+    with pytest.raises(TypeError, match="decode: expected one sequence of int ids, got str"):
+        tok.decode("hello")
+
+
+def test_decode_rejects_ids_outside_the_vocabulary(tok):
+    with pytest.raises(ValueError, match=r"decode: ids must lie in \[0, 1000\) \(vocab_size 1000\), got 1000$"):
+        tok.decode([5, 1000])
+    with pytest.raises(ValueError, match="got -7, -1$"):
+        tok.decode(np.array([-1, 5, -7, -1]))
+    with pytest.raises(ValueError, match="id_to_piece: ids must lie in .*got 1000"):
+        tok.id_to_piece(1000)
+    assert tok.decode([*tok.encode("Hola."), EOS_ID, 10**6]) == "Hola."  # after eos nothing is read
+
+
+def test_single_and_batch_methods_reject_each_other_s_input(tok):
+    with pytest.raises(TypeError, match=r"encode_batch: expected an iterable of sentences, got str 'the cat'; .*encode"):
+        tok.encode_batch("the cat")  # would encode each character as a sentence
+    with pytest.raises(TypeError, match="encode_batch: expected str sentences, got int at index 1"):
+        tok.encode_batch(["Hola.", 5])
+    for method in (tok.encode, tok.pieces):  # sentencepiece would return one row per list element
+        with pytest.raises(TypeError, match="expected one str, got list; for several sentences use encode_batch"):
+            method(["Hola.", "Tom."])
+
+
+def test_train_rejects_a_bare_string_or_non_strings():
+    with pytest.raises(TypeError, match="train: expected an iterable of sentences, got str 'one long string'"):
+        data.Tokenizer.train("one long string", vocab_size=50)  # would train on 15 one-character texts
+    with pytest.raises(TypeError, match="train: expected str sentences, got bytes at index 0"):
+        data.Tokenizer.train([b"hello"], vocab_size=50)
+
+
+@pytest.mark.parametrize("texts, match", [([], "got none"), ([""], r"got 1 blank one\(s\)"),
+                                          (["", "  \t"], r"got 2 blank one\(s\)")])
+def test_train_needs_some_text(texts, match):
+    with pytest.raises(ValueError, match="train: needs at least one non-empty text, " + match):
+        data.Tokenizer.train(texts, vocab_size=50)
+
+
+@pytest.mark.parametrize("vocab_size", [0, 3, 4, -1, 100.0, True])
+def test_train_vocab_must_hold_the_special_ids(vocab_size):
+    with pytest.raises(ValueError, match=f"train: vocab_size must be an int >= 5, got {vocab_size}"):
+        data.Tokenizer.train(["hello world"], vocab_size=vocab_size)
+
+
+def test_train_vocab_too_small_for_the_characters(pairs):
+    texts = [s for s, _ in pairs[:200]]  # some 40 distinct characters, each needing a piece
+    with pytest.raises(ValueError, match=r"vocab_size=10 is too small .*sentencepiece: .*required_chars. 10 vs"):
+        data.Tokenizer.train(texts, vocab_size=10)
+    with pytest.raises(ValueError, match='sentencepiece refused these settings: .*unknown field name "no_such"'):
+        data.Tokenizer.train(texts, vocab_size=100, no_such=1)
+
+
+def test_constructor_takes_bytes_not_a_path(tok, tmp_path):
+    path = tok.save(tmp_path / "tok.model")
+    for arg in (str(path), path):
+        with pytest.raises(TypeError, match=r"Tokenizer: expected the model's bytes.*tok\.model.*Tokenizer\.load\(path\)"):
+            data.Tokenizer(arg)
+    for junk in (b"", b"not a model"):
+        with pytest.raises(ValueError, match=f"Tokenizer: {len(junk)} bytes that are not a sentencepiece model"):
+            data.Tokenizer(junk)
+    assert data.Tokenizer(bytearray(tok.model_bytes)).vocab_size == tok.vocab_size
+
+
+def test_load_names_a_missing_or_foreign_file(tmp_path):
+    np.savez(tmp_path / "ckpt.npz", w=np.zeros(3))
+    (tmp_path / "empty.model").write_bytes(b"")
+    for name in ("ckpt.npz", "empty.model"):
+        with pytest.raises(ValueError, match=f"Tokenizer.load: .*{name} is not a sentencepiece model"):
+            data.Tokenizer.load(tmp_path / name)
+    with pytest.raises(FileNotFoundError, match="Tokenizer.load: no such file: .*nope.model"):
+        data.Tokenizer.load(tmp_path / "nope.model")
 
 
 # ------------------------------------------------------------------ batching
@@ -312,6 +414,36 @@ def test_unshuffled_batches_are_length_sorted(dataset):
     assert [tuple(b.indices) for b in batcher.epoch(3)] == [tuple(b.indices) for b in batcher.epoch(0)]
 
 
+@pytest.mark.parametrize("src, tgt, kw, match", [
+    ([], [], {}, "collate: empty batch"),
+    ([[5], [6]], [[7]], {}, "collate: 2 sources but 1 targets"),
+    ([[5]], [[6], [7], [8]], {}, "collate: 1 sources but 3 targets"),
+    ([[5]], [[6]], dict(pad_to_multiple=0), "collate: pad_to_multiple must be an int >= 1, got 0"),
+    ([[5]], [[6]], dict(pad_to_multiple=-8), "pad_to_multiple must be an int >= 1, got -8"),
+    ([[5]], [[6]], dict(pad_to_multiple=2.5), "pad_to_multiple must be an int >= 1, got 2.5"),
+    ([[5], [6]], [[7], [8]], dict(indices=[0]), r"collate: indices must have shape \(2,\), .*got \(1,\)"),
+    ([[5], [], [6], []], [[7]] * 4, {}, r"collate: source sentence\(s\) 1, 3 have no tokens"),
+])
+def test_collate_rejects_bad_batches(src, tgt, kw, match):
+    with pytest.raises(ValueError, match=match):
+        data.collate(src, tgt, **kw)
+
+
+def test_collate_wants_lists_of_sentences():
+    with pytest.raises(TypeError, match="collate: src_ids must be a list of id lists, .*pass \\[ids\\]"):
+        data.collate([5, 6, 7], [8, 9])
+    with pytest.raises(TypeError, match="collate: tgt_ids must be a list of id lists"):
+        data.collate([[5, 6, 7]], np.array([8, 9]))
+
+
+def test_empty_source_caught_when_the_batcher_is_built(dataset):
+    """Sorted by length, empty sources would share a batch of width 0, which the encoder cannot take."""
+    src, tgt = dataset
+    src[7] = []
+    with pytest.raises(ValueError, match=r"TokenBatcher: source sentence\(s\) 7 have no tokens.*filter_by_length"):
+        data.TokenBatcher(src, tgt, max_tokens=300, shuffle=False)
+
+
 # ------------------------------------------------------------------ prepare_corpus
 
 def test_prepare_corpus_on_sample():
@@ -325,3 +457,11 @@ def test_prepare_corpus_on_sample():
         k = c.kept[name][-1]
         assert c.tokenizer.decode(tgt[-1]) == c.splits[name][k][1]
     assert len(c.ids["train"][0]) < len(c.splits["train"])  # max_len=12 dropped the longer pairs
+
+
+def test_prepare_corpus_checks_path_and_limit():
+    with pytest.raises(DataError, match=r"spanish: no such file, and not a corpus name \(spa, ukr\)"):
+        data.prepare_corpus("spanish", progress=False)
+    for limit in (0, -5, 10.0):  # -5 would have sliced off the last 5 pairs
+        with pytest.raises(ValueError, match=f"prepare_corpus: limit must be an int >= 1, got {limit}"):
+            data.prepare_corpus(SAMPLE, limit=limit, progress=False)
