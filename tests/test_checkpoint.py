@@ -179,9 +179,10 @@ def test_missing_path_is_file_not_found(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["empty", "truncated_header", "half", "last_bytes", "garbage", "corrupt",
-                                    "plain_npz", "bad_json"])
+                                    "plain_npz", "bad_json", "array_header"])
 def test_damaged_file_is_a_value_error_naming_the_path(tmp_path, damage):
-    good = save_checkpoint(tmp_path / "good.npz", Transformer(**SMALL))
+    # an array big enough that NumPy parses its header before the zip's CRC check reads it all
+    good = save_checkpoint(tmp_path / "good.npz", Transformer(**{**SMALL, "vocab_size": 2000}))
     data = good.read_bytes()
     bad = tmp_path / f"bad-{damage}.npz"
     if damage == "empty":
@@ -200,13 +201,17 @@ def test_damaged_file_is_a_value_error_naming_the_path(tmp_path, damage):
         bad.write_bytes(bytes(corrupt))
     elif damage == "plain_npz":  # an npz, but not one of ours
         np.savez(bad, a=np.arange(3))
+    elif damage == "array_header":   # zeroed bytes inside an array's header: NumPy's parser raised TokenError
+        damaged, start = bytearray(data), data.index(b"{'descr'")
+        damaged[start + 30:start + 70] = bytes(40)
+        bad.write_bytes(bytes(damaged))
     elif damage == "bad_json":
         arrays = dict(np.load(good, allow_pickle=False))
         arrays["__meta__"] = np.array("{not json")
         np.savez(bad, **arrays)
     with pytest.raises(ValueError, match=str(bad.name)):
         load_checkpoint(bad, Transformer(**SMALL))
-    if damage != "corrupt":     # (zeroed array bytes: the JSON alone still reads)
+    if damage not in ("corrupt", "array_header"):     # (a damaged array: the JSON alone still reads)
         with pytest.raises(ValueError, match=str(bad.name)):
             checkpoint_info(bad)
 
@@ -349,3 +354,131 @@ def test_average_checkpoints_rejects_mismatched_checkpoints(tmp_path):
     garbage.write_bytes(b"\x00" * 100)
     with pytest.raises(ValueError, match="g.npz"):
         average_checkpoints([a, garbage])
+
+
+
+# ---- the wrong model configuration, optimiser or file; what meta may hold -------------------------
+
+def assert_state_equal(state, model):
+    now = model.state_dict()
+    assert list(now) == list(state)
+    for k in now:
+        np.testing.assert_array_equal(now[k], state[k], err_msg=k)
+
+
+@pytest.mark.parametrize("other", [dict(num_heads=4), dict(pad_id=1), dict(max_len=64),
+                                   dict(num_heads=4, pad_id=3, max_len=16)])
+def test_config_that_changes_the_function_is_rejected_naming_each_key(tmp_path, other):
+    """The same parameter shapes, another function (the heads split d_model otherwise, other padding,
+    another positional table): a ValueError naming each key, stored vs model value; nothing copied."""
+    saved = Transformer(**SMALL)
+    path = save_checkpoint(tmp_path / "c.npz", saved)
+    model = Transformer(**{**SMALL, **other})
+    before = model.state_dict()
+    with pytest.raises(ValueError, match=r"c\.npz was saved from a model with another configuration") as error:
+        load_checkpoint(path, model)
+    message = str(error.value)
+    for key, value in other.items():
+        assert f"{key}: {saved.config.__dict__[key]!r} in the checkpoint, {value!r} in the model" in message
+    assert "dropout" not in message and "num_layers" not in message and "from_config" in message
+    assert_state_equal(before, model)
+    load_checkpoint(path, model, strict=False)     # strict=False: load the parameters that fit
+    assert_state_equal(saved.state_dict(), model)
+
+
+@pytest.mark.parametrize("other, missing", [(dict(norm_first=True), r"encoder\.norm\.weight"),
+                                            (dict(learned_positions=True), r"positional_encoding\."),
+                                            (dict(share_embeddings=False), r"tgt_embedding\.weight")])
+def test_config_that_changes_the_parameters_names_the_keys_and_the_config(tmp_path, other, missing):
+    path = save_checkpoint(tmp_path / "c.npz", Transformer(**SMALL))
+    key, value = next(iter(other.items()))
+    with pytest.raises(KeyError, match=rf"missing keys \[.*{missing}.*the checkpoint's configuration differs: "
+                                       rf"{key}: {not value!r} in the checkpoint, {value!r} in the model"):
+        load_checkpoint(path, Transformer(**{**SMALL, **other}))
+
+
+def test_config_differing_only_in_dropout_loads(tmp_path):
+    """Dropout changes training, not the trained function: evaluate or resume with another P_drop."""
+    saved = Transformer(**{**SMALL, "dropout": 0.3})
+    path = save_checkpoint(tmp_path / "c.npz", saved)
+    for dropout in (0.0, 0.1):
+        model = Transformer(**{**SMALL, "dropout": dropout})
+        assert load_checkpoint(path, model) == {}
+        assert_same_params(saved, model)
+
+
+def test_config_check_is_skipped_without_a_config_on_either_side(tmp_path):
+    path = save_checkpoint(tmp_path / "c.npz", Transformer(**SMALL))
+    arrays = dict(np.load(path, allow_pickle=False))
+    info = json.loads(str(arrays["__meta__"]))
+    info["config"] = None
+    arrays["__meta__"] = np.array(json.dumps(info))
+    bare = tmp_path / "no-config.npz"
+    np.savez(bare, **arrays)
+    load_checkpoint(bare, Transformer(**{**SMALL, "num_heads": 4}))     # a checkpoint without a config
+    plain = Transformer(**{**SMALL, "num_heads": 4})
+    plain.config = None                                                # a model without one
+    load_checkpoint(path, plain)
+    assert_state_equal({k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}, plain)
+
+
+def test_optimizer_of_another_type_is_rejected_naming_both(tmp_path):
+    from minitransformer.optim import SGD
+    model, optimizer, schedule = trained()
+    path = save_checkpoint(tmp_path / "c.npz", model, optimizer, schedule)
+    fresh = Transformer(**SMALL)
+    before = fresh.state_dict()
+    sgd = SGD(fresh.parameters(), lr=0.5)
+    with pytest.raises(ValueError, match=r"c\.npz holds the state of an optimizer of type Adam, "
+                                         r"but the optimizer given is a SGD"):
+        load_checkpoint(path, fresh, sgd)
+    assert sgd.lr == 0.5 and sgd.step_count == 0
+    assert_state_equal(before, fresh)
+
+
+def test_npy_and_text_files_are_not_npz_archives(tmp_path):
+    array, text = tmp_path / "arr.npy", tmp_path / "config.json"
+    np.save(array, np.arange(3))
+    text.write_text(json.dumps({"vocab_size": 24}))
+    for read in (lambda p: load_checkpoint(p, Transformer(**SMALL)), checkpoint_info, read_checkpoint,
+                 lambda p: average_checkpoints([p])):
+        with pytest.raises(ValueError, match=r"arr\.npy is not a minitransformer checkpoint \(an \.npy array, "
+                                             r"not an \.npz archive\)"):
+            read(array)
+        with pytest.raises(ValueError, match=r"config\.json is not a minitransformer checkpoint "
+                                             r"\(not an \.npz archive"):
+            read(text)
+
+
+@pytest.mark.parametrize("paths", ["runs/a/last.npz", Path("runs/a/last.npz"), b"last.npz"])
+def test_average_checkpoints_takes_a_list_not_one_path(paths):
+    with pytest.raises(TypeError, match="average_checkpoints takes a list of checkpoint paths"):
+        average_checkpoints(paths)
+    with pytest.raises(ValueError, match="no checkpoint paths given"):
+        average_checkpoints(iter([]))
+
+
+def test_numpy_scalars_in_meta_are_saved_as_python_numbers(tmp_path):
+    model, optimizer, schedule = trained(steps=1)
+    meta = {"step": np.int64(3), "loss": np.float32(0.25), "done": np.bool_(True), "lr": np.array(0.5),
+            "nested": {"steps": [np.int32(1), 2], "pair": (np.float64(2.5), np.uint8(7))}, "name": np.str_("x")}
+    path = save_checkpoint(tmp_path / "c.npz", model, optimizer, schedule, meta)
+    loaded = load_checkpoint(path, Transformer(**SMALL))
+    assert loaded == {"step": 3, "loss": 0.25, "done": True, "lr": 0.5,
+                      "nested": {"steps": [1, 2], "pair": [2.5, 7]}, "name": "x"}
+    assert type(loaded["step"]) is int and type(loaded["done"]) is bool and type(loaded["lr"]) is float
+
+
+@pytest.mark.parametrize("bad, where", [({"step": 1, "weights": np.arange(3)}, r"meta\['weights'\] is of type ndarray"),
+                                        ({"history": [{"when": object()}]}, r"meta\['history'\]\[0\]\['when'\]"),
+                                        ({(1, 2): "tuple key"}, r"meta has the key \(1, 2\) of type tuple")])
+def test_unstorable_meta_is_a_type_error_naming_the_key_and_writes_nothing(tmp_path, bad, where):
+    model = Transformer(**SMALL)
+    path = save_checkpoint(tmp_path / "c.npz", model, meta={"version": 1})
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match=rf"save_checkpoint: {where}"):
+        save_checkpoint(path, model, meta=bad)
+    with pytest.raises(TypeError, match=rf"save_checkpoint: {where}"):
+        save_checkpoint(tmp_path / "new.npz", model, meta=bad)
+    assert path.read_bytes() == before and load_checkpoint(path, model) == {"version": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]     # no new file, no temporary one

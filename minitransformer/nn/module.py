@@ -4,7 +4,9 @@ A module registers every ``Parameter`` and sub-``Module`` assigned to it as an a
 ``named_parameters()`` yields names like ``encoder.layers.0.self_attn.q_proj.weight``: the
 keys of ``state_dict()`` and of checkpoints.
 """
+import os
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -143,25 +145,40 @@ class Module:
         return OrderedDict((name, backend.to_numpy(p.data).copy()) for name, p in self.named_parameters())
 
     def load_state_dict(self, state, strict=True):
-        """Copy arrays into the parameters, checking names and shapes.
+        """Copy arrays into the parameters, checking names and shapes (``check_state_dict``) first.
 
-        With ``strict`` a missing or unexpected key is an error; a wrong shape always is. The values
-        are copied *into* the parameters' arrays: packed parameters stay packed, and a CUDA graph
-        that reads the weights where they are sees the loaded ones.
+        With ``strict`` a missing or unexpected key is an error; a wrong shape always is. Nothing is
+        copied unless every check passes. The values are copied *into* the parameters' arrays:
+        packed parameters stay packed, and a CUDA graph that reads the weights where they are sees
+        the loaded ones. Returns ``(missing, unexpected)`` key lists.
         """
+        missing, unexpected = self.check_state_dict(state, strict)
+        for name, p in self.named_parameters():
+            if name in state:
+                value = np.asarray(backend.to_numpy(state[name]))
+                p.data[...] = backend.to_device(value.astype(p.dtype, copy=False), p.device)
+        return missing, unexpected
+
+    def check_state_dict(self, state, strict=True):
+        """What ``load_state_dict`` checks, without copying anything: ``state`` is a dict of arrays,
+        its names match the parameters' (with ``strict``) and every shared name has the parameter's
+        shape. Returns ``(missing, unexpected)``; raises ``TypeError``, ``KeyError`` or ``ValueError``."""
+        if isinstance(state, (str, bytes, os.PathLike)):
+            raise TypeError(f"load_state_dict takes a dict of arrays {{name: array}}, got the path {state!r}; "
+                            f"to load a file use checkpoint.load_checkpoint(path, model)")
+        if not isinstance(state, Mapping):
+            raise TypeError(f"load_state_dict takes a dict of arrays {{name: array}}, got {type(state).__name__}")
         params = dict(self.named_parameters())
         missing = [k for k in params if k not in state]
         unexpected = [k for k in state if k not in params]
         if strict and (missing or unexpected):
             raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
         for name, p in params.items():
-            if name not in state:
-                continue
-            value = np.asarray(backend.to_numpy(state[name]))
-            if value.shape != p.shape:
-                raise ValueError(f"load_state_dict: {name} has shape {value.shape} in the state dict, "
-                                 f"expected {p.shape}")
-            p.data[...] = backend.to_device(value.astype(p.dtype, copy=False), p.device)
+            if name in state:
+                shape = tuple(np.shape(state[name]))
+                if shape != p.shape:
+                    raise ValueError(f"load_state_dict: {name} has shape {shape} in the state dict, "
+                                     f"expected {p.shape}")
         return missing, unexpected
 
     def __repr__(self):
