@@ -24,6 +24,7 @@ import numpy as np
 
 from . import backend, kernels
 from . import functional as F
+from .nn.transformer import batch_of_ids
 from .tensor import Tensor, no_grad
 
 
@@ -33,10 +34,18 @@ def positions_of(model):
     return getattr(getattr(model, "config", None), "max_len", None)
 
 
-def _length_limits(model, src_ids, max_len_a, max_len_b):
+def _length_limits(op, model, src_ids, bos_id, eos_id, max_len_a, max_len_b):
     """Host ``src_ids`` and each sentence's output limit ``max_len_a · source length + max_len_b``,
-    at most the model's positions (``max_len``: bos and the tokens before the last take them all)."""
-    src_ids = np.asarray(backend.to_numpy(src_ids.data if isinstance(src_ids, Tensor) else src_ids))
+    at most the model's positions (``max_len``: bos and the tokens before the last take them all);
+    the arguments every search takes, checked."""
+    vocab = getattr(model, "vocab_size", None)
+    # eos may lie outside the vocabulary (it is then never emitted: every output runs to its limit)
+    for name, value, top in (("bos_id", bos_id, vocab), ("eos_id", eos_id, None)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0 \
+                or (top is not None and value >= top):
+            raise ValueError(f"{op}: {name} must be a token id (an int in [0, {top or '∞'})), got {value!r}")
+    src_ids = batch_of_ids(op, src_ids, "src_ids")
+    src_ids = np.asarray(backend.to_numpy(src_ids))
     limits = (max_len_a * (src_ids != model.pad_id).sum(axis=1) + max_len_b).astype(int)
     positions = positions_of(model)
     return src_ids, limits if positions is None else np.minimum(limits, positions)
@@ -74,7 +83,7 @@ def greedy_decode(model, src_ids, bos_id, eos_id, max_len_a=1.0, max_len_b=50, u
 
     Each sentence stops at ``eos`` or after ``max_len_a · source length + max_len_b`` tokens.
     """
-    src_ids, limits = _length_limits(model, src_ids, max_len_a, max_len_b)
+    src_ids, limits = _length_limits("greedy_decode", model, src_ids, bos_id, eos_id, max_len_a, max_len_b)
     B, steps = len(src_ids), max(0, int(limits.max()))
     was_training = model.training
     model.eval()
@@ -361,7 +370,7 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
         raise ValueError("beam_search: fixed_cache and cuda_graph need the key/value cache (use_cache=True)")
     if cuda_graph and model.device != "cuda":
         raise ValueError(f"beam_search: cuda_graph needs the model on the GPU, it is on {model.device}")
-    src_ids, limits = _length_limits(model, src_ids, max_len_a, max_len_b)
+    src_ids, limits = _length_limits("beam_search", model, src_ids, bos_id, eos_id, max_len_a, max_len_b)
     B, K, steps = len(src_ids), beam_size, max(0, int(limits.max()))
     was_training = model.training
     model.eval()

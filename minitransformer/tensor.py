@@ -390,7 +390,13 @@ def as_tensor(x, like=None):
         return x
     if backend.is_array(x):
         return Tensor(x)
-    numbers = np.asarray(x).dtype.kind != "b"  # a list of bools stays a boolean mask
+    try:
+        kind = np.asarray(x).dtype.kind
+    except ValueError:          # ragged lists
+        kind = "O"
+    if kind not in "biuf":      # None, strings: NumPy would make an object array (NaN, garbage)
+        raise TypeError(f"expected a tensor, an array or numbers, got {type(x).__name__}: {x!r:.60}")
+    numbers = kind != "b"  # a list of bools stays a boolean mask
     dtype = like.dtype if like is not None and like.dtype.kind == "f" and numbers else None
     data = _host_array(x, dtype)
     if like is not None and like.device != "cpu":
@@ -410,6 +416,12 @@ def make_op(data, parents, backward, op):
     else:
         out._set(data, False, (), None, "")
     return out
+
+
+def check_axis(op, axis, x):
+    """One axis of ``x`` (negative counts from the end), or a clear error naming ``op``."""
+    if not isinstance(axis, (int, np.integer)) or not -x.ndim <= axis < x.ndim:
+        raise ValueError(f"{op}: axis {axis!r} is out of range for a tensor of shape {tuple(x.shape)}")
 
 
 def check_same_device(op, *tensors):

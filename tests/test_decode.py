@@ -8,6 +8,7 @@ can be enumerated, so beam search's bookkeeping (length penalty, finished vs. li
 best chosen) is checked against the exact answer.
 """
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -663,3 +664,20 @@ def test_batches_whose_longest_outputs_differ_a_little_share_a_kept_search(rng):
     (search,) = decode._KEPT[model].values()
     assert search.searches == 2 and search.cache["slots"].shape == (8,)
     decode.release_searches(model)
+
+
+def test_searches_refuse_what_they_cannot_decode(src):
+    model = Transformer(**CONFIG)
+    for search in (greedy_decode, beam_search):
+        op = search.__name__
+        with pytest.raises(ValueError, match=rf"{op}: src_ids must be \(batch, length\).*\(3,\).*\[\[i, j, …\]\]"):
+            search(model, [5, 6, 7], BOS_ID, EOS_ID)         # one sentence, not a batch of one
+        with pytest.raises(ValueError, match=rf"{op}: src_ids of shape \(1, 0\) holds no tokens"):
+            search(model, [[]], BOS_ID, EOS_ID)
+        with pytest.raises(ValueError, match=rf"{op}: src_ids .*different lengths"):
+            search(model, [[5, 6], [7]], BOS_ID, EOS_ID)
+        for bad in (2.5, -1, VOCAB, None):
+            with pytest.raises(ValueError, match=rf"{op}: bos_id must be a token id .*{re.escape(repr(bad))}"):
+                search(model, src, bad, EOS_ID)
+        with pytest.raises(ValueError, match=rf"{op}: eos_id must be a token id"):
+            search(model, src, BOS_ID, -3)

@@ -876,6 +876,64 @@ def test_other_bad_arguments(device, randn):
         F.pow(x, randn(1))
 
 
+def test_axes_out_of_range_and_scalars(device, randn):
+    x = randn(2, 3)
+    for op in (F.softmax, F.log_softmax):
+        with raises(ValueError, op.__name__, "axis 2", "(2, 3)"):
+            op(x, axis=2)
+    with raises(ValueError, "concat", "axis 2", "(2, 3)"):     # was taken modulo 2: joined on axis 0
+        F.concat([x, x], axis=2)
+    with raises(ValueError, "split", "axis -3", "(2, 3)"):
+        F.split(x, 1, axis=-3)
+    with raises(ValueError, "concat", "scalars"):
+        F.concat([randn(), randn()])
+    with raises(ValueError, "layer_norm", "scalar"):
+        F.layer_norm(randn(), None, None)
+
+
+def test_operands_that_are_not_numbers(device, randn):
+    x = randn(2)
+    for bad in (None, "1.0", [[1.0], [2.0, 3.0]]):      # NumPy would make an object array: NaN, garbage
+        with raises(TypeError, "expected a tensor, an array or numbers", type(bad).__name__):
+            x + bad
+    with raises(TypeError, "linear", "floating point", "int64", "Embedding"):
+        F.linear(mt.tensor(np.ones((2, 3), dtype=np.int64), device=device), randn(4, 3))
+    with raises(TypeError, "cross_entropy", "floating point", "int64"):
+        F.cross_entropy(mt.tensor(np.ones((2, 3), dtype=np.int64), device=device), [0, 1])
+    with raises(ValueError, "cross_entropy", "label_smoothing", "None"):
+        F.cross_entropy(randn(2, 3), [0, 1], label_smoothing=None)
+
+
+def test_attention_batch_of_v_and_no_keys(device, randn):
+    op = "scaled_dot_product_attention"
+    with raises(ValueError, op, "batch axes of v", "(3, 5, 4)", "(2, 3, 4)"):
+        F.scaled_dot_product_attention(randn(2, 3, 4), randn(2, 5, 4), randn(3, 5, 4))
+    with raises(ValueError, op, "no keys", "Lk = 0"):
+        F.scaled_dot_product_attention(randn(2, 3, 4), randn(2, 0, 4), randn(2, 0, 4))
+    out, _ = F.scaled_dot_product_attention(randn(2, 3, 4), randn(2, 5, 4), randn(5, 2))   # v shared: fine
+    assert out.shape == (2, 3, 2)
+
+
+@pytest.mark.parametrize("op, call", [
+    ("softmax", lambda a: F.softmax(a)), ("log_softmax", lambda a: F.log_softmax(a)),
+    ("layer_norm", lambda a: F.layer_norm(a, None, None)), ("dropout", lambda a: F.dropout(a, 0.5)),
+    ("reshape", lambda a: F.reshape(a, 6)), ("transpose", lambda a: F.transpose(a)),
+    ("sum", lambda a: F.sum(a, 1)), ("mean", lambda a: F.mean(a)), ("neg", lambda a: F.neg(a)),
+    ("pow", lambda a: F.pow(a, 2)), ("astype", lambda a: F.astype(a, np.float64)),
+    ("getitem", lambda a: F.getitem(a, 1)), ("contiguous", lambda a: F.contiguous(a)),
+    ("split", lambda a: F.split(a, 1, axis=1)[1]),
+    ("masked_fill", lambda a: F.masked_fill(a, a > 2, 0.0))])
+def test_every_op_takes_a_plain_array(op, call, device):
+    """As add, matmul and linear always did: an array of the device is wrapped as a constant."""
+    array = mt.backend.xp_for(device).asarray(np.arange(6.0).reshape(2, 3))
+    mt.manual_seed(0)                               # (dropout: the same mask both times)
+    out = call(array)
+    mt.manual_seed(0)
+    expected = call(mt.tensor(np.arange(6.0).reshape(2, 3), device=device))
+    assert isinstance(out, mt.Tensor) and not out.requires_grad
+    np.testing.assert_allclose(out.numpy(), expected.numpy())
+
+
 def test_backward_on_non_scalar_loss_without_grad(device, randn):
     out = F.linear(randn(4, 3), randn(2, 3))
     with raises(ValueError, "backward", "(4, 2)"):

@@ -2,6 +2,7 @@
 (§3.2.2) and the properties the whole Transformer must have: padding is invisible, the decoder
 cannot look ahead (§3.2.3), and decoding with the key/value cache equals decoding without it."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -553,3 +554,58 @@ def test_activations_are_kept_only_when_asked(device, rng):
     model.keep_activations(False)
     model(ids(rng, 2, 5), ids(rng, 2, 4))
     assert model.encoder.layers[0].activations == {} and model.activations == {}
+
+
+
+# ---- load_state_dict: bad input -------------------------------------------------------------
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_load_state_dict_given_a_path_says_to_use_load_checkpoint(tmp_path, strict):
+    from pathlib import Path
+    model = TwoLayers()
+    before = model.state_dict()
+    for path in (str(tmp_path / "c.npz"), Path(tmp_path / "c.npz")):
+        with pytest.raises(TypeError, match=r"load_state_dict takes a dict of arrays .*got the path .*c\.npz.*"
+                                            r"checkpoint\.load_checkpoint\(path, model\)"):
+            model.load_state_dict(path, strict=strict)
+    with pytest.raises(TypeError, match=r"load_state_dict takes a dict of arrays .*got list"):
+        model.load_state_dict(list(before.values()), strict=strict)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+def test_load_state_dict_copies_nothing_when_a_check_fails():
+    model = TwoLayers()
+    before = model.state_dict()
+    state = {name: value + 1.0 for name, value in before.items()}
+    state["b.weight"] = np.zeros((4, 2))           # listed after a.weight: checked before a.weight is copied
+    with pytest.raises(ValueError, match=r"b\.weight has shape \(4, 2\)"):
+        model.load_state_dict(state)
+    del state["b.weight"]
+    assert model.check_state_dict(state, strict=False) == (["b.weight"], [])   # checks, copies nothing
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
+
+
+# ---- the model's entry: token ids it cannot take ----------------------------------------------
+
+def test_transformer_refuses_ids_it_cannot_take(device, rng):
+    model = small_model(device)
+    cases = [  # (src, tgt, fragments of the message)
+        (ids(rng, 5, 6), ids(rng, 5, 4)[0], ["tgt_ids", "(batch, length)", "(4,)"]),
+        ([[5, 6, 7], [5, 6]], ids(rng, 2, 4), ["src_ids", "different lengths", "collate"]),
+        (np.zeros((2, 0), dtype=np.int64), ids(rng, 2, 4), ["src_ids", "(2, 0)", "no tokens"]),
+        (ids(rng, 2, 6), np.zeros((0, 3), dtype=np.int64), ["tgt_ids", "(0, 3)", "no tokens"]),
+        (ids(rng, 2, 6), ids(rng, 3, 5), ["tgt_ids has 3 sentences", "has 2"]),
+        (ids(rng, 1, 6), ids(rng, 3, 5), ["tgt_ids has 3 sentences", "has 1"]),   # broadcast silently before
+    ]
+    for src, tgt, fragments in cases:
+        with pytest.raises(ValueError, match="(?s)" + ".*".join(re.escape(f) for f in fragments)):
+            model(src, tgt)
+
+
+def test_modules_refuse_sizes_they_cannot_build():
+    with pytest.raises(ValueError, match=r"num_heads must be >= 1, got 8 and 0"):
+        nn.MultiHeadAttention(8, 0)
+    with pytest.raises(ValueError, match=r"padding_mask: ids must be \(batch, length\), got shape \(3,\)"):
+        nn.padding_mask(np.array([4, 5, 0]), 0)

@@ -39,6 +39,8 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
         raise ValueError(f"{op}: q and k must share d_k, got q {q.shape} and k {k.shape}")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"{op}: k and v must have the same number of keys Lk, got k {k.shape} and v {v.shape}")
+    if k.shape[-2] == 0:
+        raise ValueError(f"{op}: there are no keys to attend to (Lk = 0), k {k.shape}")
     check_p(op, dropout_p)
     if concat_heads and not q.ndim == k.ndim == v.ndim == 4:
         raise ValueError(f"{op}: concat_heads needs q, k, v of shape (B, h, L, d), got {q.shape}, {k.shape}, "
@@ -51,6 +53,12 @@ def scaled_dot_product_attention(q, k, v, mask=None, dropout_p=0.0, training=Fal
         scores_shape = (*batch, q.shape[-2], k.shape[-2])
     except ValueError:
         raise ValueError(f"{op}: batch axes of q {q.shape} and k {k.shape} cannot be broadcast") from None
+    if v.shape[:-2] != k.shape[:-2]:
+        try:
+            xp.broadcast_shapes(batch, v.shape[:-2])
+        except ValueError:
+            raise ValueError(f"{op}: batch axes of v {v.shape} do not match those of q {q.shape} "
+                             f"and k {k.shape}") from None
     if mask is not None:
         mask = as_tensor(mask, q)
         check_same_device(op, q, mask)

@@ -8,7 +8,7 @@ and regenerates it in the backward instead. docs/backward.md#dropout.
 import numpy as np
 
 from .. import backend, kernels
-from ..tensor import make_op
+from ..tensor import as_tensor, make_op
 
 
 def dropout_mask(shape, p, dtype, device):
@@ -36,6 +36,7 @@ def check_p(op, p):
 def dropout(x, p, training=True):
     """``y = x * m``; backward: ``dx = g * m`` with the same mask."""
     check_p("dropout", p)
+    x = as_tensor(x)
     if not training or p == 0.0:
         return x
     y, again = apply_dropout(x.data, p)

@@ -74,6 +74,7 @@ def div(a, b):
 
 def neg(x):
     """``-x``; backward: ``dx = -g``."""
+    x = as_tensor(x)
     return make_op(-x.data, (x,), lambda g: (-g,), "neg")
 
 
@@ -81,6 +82,7 @@ def pow(x, exponent):
     """``x ** p`` for a scalar ``p``; backward: ``dx = g * p * x**(p-1)``."""
     if not isinstance(exponent, Number):
         raise TypeError(f"pow: the exponent must be a Python number, got {type(exponent).__name__}")
+    x = as_tensor(x)
 
     def backward(g):
         if exponent == 0:      # x**0 is constant; p * x**(p-1) would be 0 * inf = nan at x = 0
@@ -129,6 +131,7 @@ def relu(x):
 def astype(x, dtype):
     """Change the dtype; backward casts the gradient back. A cast to integers or booleans has no
     gradient (as in PyTorch): its output is a constant."""
+    x = as_tensor(x)
     source = x.dtype
     if np.dtype(dtype).kind != "f":
         return Tensor(x.data.astype(dtype))

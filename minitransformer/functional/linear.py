@@ -61,6 +61,9 @@ def _checked(op, x, weight, bias):
     x, weight = as_tensor(x), as_tensor(weight)
     parents = (x, weight) if bias is None else (x, weight, as_tensor(bias))
     check_same_device(op, *parents)
+    if x.dtype.kind != "f" or weight.dtype.kind != "f":
+        raise TypeError(f"{op}: input and weight must be floating point, got {x.dtype} and {weight.dtype} "
+                        "(token ids go through an Embedding first)")
     if weight.ndim != 2:
         raise ValueError(f"{op}: weight must be 2-D (out_features, in_features), got {weight.shape}")
     out_features, in_features = weight.shape

@@ -20,12 +20,14 @@ def cross_entropy(logits, target, ignore_index=None, label_smoothing=0.0):
     logits = as_tensor(logits)
     if logits.ndim != 2:
         raise ValueError(f"cross_entropy: logits must be (N, C), got shape {logits.shape}")
+    if logits.dtype.kind != "f":
+        raise TypeError(f"cross_entropy: logits must be floating point, got {logits.dtype}")
     N, C = logits.shape
     target = id_array("cross_entropy", target, logits, what="target")
     if target.shape != (N,):
         raise ValueError(f"cross_entropy: target must have shape ({N},) to match logits {logits.shape}, "
                          f"got {target.shape}")
-    if not 0.0 <= label_smoothing <= 1.0:
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     xp_t = backend.get_array_module(target)
     counted = target != ignore_index if ignore_index is not None else xp_t.ones(N, dtype=bool)

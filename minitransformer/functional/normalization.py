@@ -62,6 +62,9 @@ def layer_norm(x, weight, bias, eps=1e-5):
     Backward, with ``dx̂ = g * γ`` and means over the last axis:
     ``dx = rstd * (dx̂ - mean(dx̂) - x̂ * mean(dx̂ * x̂))``, ``dγ = Σ g * x̂``, ``dβ = Σ g``.
     """
+    x = as_tensor(x)
+    if x.ndim == 0:
+        raise ValueError("layer_norm: normalises over the last axis, got a scalar (0-d tensor)")
     parents, weight, bias = _parents("layer_norm", [x], weight, bias)
     if backend.fused(*(p.data for p in parents)) and len({p.dtype for p in parents}) == 1:
         return _fused(x, weight, bias, eps, parents)

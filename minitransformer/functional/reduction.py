@@ -1,6 +1,6 @@
 """Sums and means over axes. Backward: the gradient is copied back along the reduced axes
 (divided by the count for the mean). docs/backward.md#reductions."""
-from ..tensor import make_op
+from ..tensor import as_tensor, make_op
 
 
 def _axes(x, axis, op):
@@ -22,6 +22,7 @@ def _spread(g, x, axes, keepdims):
 
 def sum(x, axis=None, keepdims=False):
     """``y = Σ_axis x``; backward: ``dx = g`` broadcast along ``axis``."""
+    x = as_tensor(x)
     axes = _axes(x, axis, "sum")
     out = x.data.sum(axis=axes, keepdims=keepdims)
     return make_op(out, (x,), lambda g: (_spread(g, x, axes, keepdims),), "sum")
@@ -29,6 +30,7 @@ def sum(x, axis=None, keepdims=False):
 
 def mean(x, axis=None, keepdims=False):
     """``y = Σ_axis x / n``; backward: ``dx = g / n`` broadcast along ``axis``."""
+    x = as_tensor(x)
     axes = _axes(x, axis, "mean")
     n = 1
     for a in axes:

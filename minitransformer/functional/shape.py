@@ -4,13 +4,14 @@ docs/backward.md#shape-ops."""
 import numpy as np
 
 from .. import backend
-from ..tensor import PartBackward, Tensor, as_tensor, check_same_device, make_op
+from ..tensor import PartBackward, Tensor, as_tensor, check_axis, check_same_device, make_op
 
 
 def reshape(x, *shape):
     """Same elements, new shape; backward reshapes the gradient back."""
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
+    x = as_tensor(x)
     try:
         y = x.data.reshape(shape)
     except ValueError:
@@ -23,6 +24,7 @@ def transpose(x, *axes):
     """Permute axes (NumPy order; none given reverses them); backward applies the inverse."""
     if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
         axes = tuple(axes[0])
+    x = as_tensor(x)
     axes = axes or tuple(reversed(range(x.ndim)))
     n = max(x.ndim, 1)
     if sorted(a % n for a in axes) != list(range(x.ndim)):
@@ -65,6 +67,7 @@ def getitem(x, index):
     to its gradient. With basic indexing (ints, slices) the gradient is returned as a ``Part`` of
     ``x``: the parts of ``x`` read by several getitems fill one zero-filled gradient together.
     """
+    x = as_tensor(x)
     index = _plain_index(index, x)
     try:
         y = x.data[index]
@@ -89,7 +92,10 @@ def concat(tensors, axis=0):
     # packed parameters (W^Q, W^K, W^V in every attention layer, every step): a view, no checks to make
     joined = _packed_view(tensors) if axis == 0 else None
     ndim = tensors[0].ndim
-    axis = axis % max(ndim, 1)
+    if ndim == 0:
+        raise ValueError("concat: scalars (0-d tensors) cannot be joined; reshape them to (1,) first")
+    check_axis("concat", axis, tensors[0])
+    axis = axis % ndim
     if joined is None:
         check_same_device("concat", *tensors)
         rest = tensors[0].shape[:axis] + tensors[0].shape[axis + 1:]
@@ -131,6 +137,7 @@ def contiguous(x):
     """The same values laid out C-contiguously (a copy only when ``x`` is a strided view), as
     ``torch.Tensor.contiguous``; backward passes the gradient through. One copy can save several:
     products that read a strided view each copy it."""
+    x = as_tensor(x)
     return make_op(x.xp.ascontiguousarray(x.data), (x,), lambda g: (g,), "contiguous")
 
 
@@ -138,6 +145,8 @@ def split(x, split_size_or_sections, axis=0):
     """Split along ``axis`` like ``torch.split``: an int is the size of each chunk (the last
     may be smaller), a list gives every chunk's size. Each chunk is a slice, so its backward
     is ``getitem``'s."""
+    x = as_tensor(x)
+    check_axis("split", axis, x)
     length = x.shape[axis]
     if isinstance(split_size_or_sections, int):
         if split_size_or_sections <= 0:
@@ -158,6 +167,7 @@ def split(x, split_size_or_sections, axis=0):
 
 def masked_fill(x, mask, value):
     """Where ``mask`` is True put ``value``; backward: ``dx = g * ~mask`` (filled places get none)."""
+    x = as_tensor(x)
     mask = as_tensor(mask, x)
     check_same_device("masked_fill", x, mask)
     if mask.dtype.kind != "b":

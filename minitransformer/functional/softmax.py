@@ -3,7 +3,7 @@
 Both subtract the row maximum first, so ``exp`` never overflows. docs/backward.md#softmax.
 """
 from .. import backend, kernels
-from ..tensor import make_op
+from ..tensor import as_tensor, check_axis, make_op
 
 
 def softmax(x, axis=-1):
@@ -11,6 +11,8 @@ def softmax(x, axis=-1):
 
     Backward: ``dx = s * (g - Σ_axis g * s)`` (the Jacobian ``diag(s) - s sᵀ`` applied to ``g``).
     """
+    x = as_tensor(x)
+    check_axis("softmax", axis, x)
     xp = x.xp
     if backend.fused(x.data) and axis in (-1, x.ndim - 1) and x.ndim >= 1:   # one kernel each way
         L = x.shape[-1]
@@ -29,6 +31,8 @@ def log_softmax(x, axis=-1):
 
     Backward: ``dx = g - exp(y) * Σ_axis g`` (``exp(y)`` is the softmax).
     """
+    x = as_tensor(x)
+    check_axis("log_softmax", axis, x)
     xp = x.xp
     if backend.fused(x.data) and axis in (-1, x.ndim - 1) and x.ndim >= 1:   # one kernel each way
         y = kernels.log_softmax(x.data)

@@ -23,6 +23,8 @@ class MultiHeadAttention(Module):
 
     def __init__(self, d_model, num_heads, dropout=0.0):
         super().__init__()
+        if num_heads < 1 or d_model < 1:
+            raise ValueError(f"MultiHeadAttention: d_model and num_heads must be >= 1, got {d_model} and {num_heads}")
         if d_model % num_heads:
             raise ValueError(f"MultiHeadAttention: d_model={d_model} is not divisible by num_heads={num_heads}")
         self.d_model, self.num_heads, self.d_k = d_model, num_heads, d_model // num_heads

@@ -132,8 +132,29 @@ class TransformerConfig:
     learned_positions: bool = False
 
 
+def batch_of_ids(op, ids, what):
+    """``ids`` as a ``(batch, length)`` array (a host or device array, a tensor or lists of one
+    length), with at least one token per sentence, or a clear error naming ``op``."""
+    ids = ids.data if isinstance(ids, Tensor) else ids
+    if not backend.is_array(ids):
+        try:
+            ids = np.asarray(ids)
+        except ValueError:          # ragged lists
+            raise ValueError(f"{op}: {what} must be (batch, length) token ids, got sentences of "
+                             "different lengths; pad them to one length (data.collate)") from None
+    if ids.ndim != 2:
+        hint = " (one sentence [i, j, …] is [[i, j, …]])" if ids.ndim == 1 else ""
+        raise ValueError(f"{op}: {what} must be (batch, length) token ids, got shape {ids.shape}{hint}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{op}: {what} of shape {ids.shape} holds no tokens; every batch needs at least "
+                         "one sentence of at least one token")
+    return ids
+
+
 def padding_mask(ids, pad_id):
     """``(B, L)`` ids -> ``(B, 1, 1, L)``: True where the key is a real token."""
+    if ids.ndim != 2:
+        raise ValueError(f"padding_mask: ids must be (batch, length), got shape {ids.shape}")
     return (ids != pad_id)[:, None, None, :]
 
 
@@ -172,11 +193,7 @@ class Transformer(Module):
         return cls(**config)
 
     def _ids(self, ids, what):
-        ids = ids.data if isinstance(ids, Tensor) else ids
-        ids = ids if backend.is_array(ids) else np.asarray(ids)
-        if ids.ndim != 2:
-            raise ValueError(f"Transformer: {what} must be (batch, length) token ids, got shape {ids.shape}")
-        return ids
+        return batch_of_ids("Transformer", ids, what)
 
     def _mask(self, mask):
         return backend.to_device(mask, self.device)
@@ -202,6 +219,9 @@ class Transformer(Module):
         values are reused instead of recomputed (decoding, §6.1).
         """
         tgt_ids = self._ids(tgt_ids, "tgt_ids")
+        if tgt_ids.shape[0] != memory.shape[0] and (cache is None or "position" not in cache):  # (a fixed cache says it)
+            raise ValueError(f"Transformer: tgt_ids has {tgt_ids.shape[0]} sentences but the source "
+                             f"(memory {tuple(memory.shape)}) has {memory.shape[0]}")
         T = tgt_ids.shape[1]
         offset = cache["length"] if cache is not None else 0
         if cache is not None and "position" in cache:
