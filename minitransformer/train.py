@@ -3,7 +3,7 @@
 ``train_step`` is one update and nothing else (the unit that tests and benchmarks time);
 ``Trainer`` adds what a run needs around it: a step or time budget, progress, periodic
 validation, interval checkpoints that resume *exactly* (model, optimiser, schedule, data
-position and random state), and a checkpoint on Ctrl-C.
+position and random state), and a checkpoint on Ctrl-C (or SIGTERM, SIGHUP).
 """
 import math
 import signal
@@ -91,6 +91,7 @@ class Trainer:
         self.history = []           # dicts logged at validation
         self.elapsed = 0.0          # training seconds, carried across resumes
         self.step_function = None   # train_step, or a cuda_graph.CudaGraphStep (set by run)
+        self.saved = None           # the last.npz that run() wrote at its end (None: none was)
 
     # ---- checkpoints -------------------------------------------------------------------
     def save(self, path):
@@ -134,29 +135,54 @@ class Trainer:
         return bool(c.minutes) and self.elapsed + (time.perf_counter() - started) >= c.minutes * 60
 
     def run(self):
-        """Train until the step or time budget is spent (or Ctrl-C); returns the last logged loss."""
+        """Train until the step or time budget is spent (or a stop signal); returns the last logged loss.
+
+        Ctrl-C (SIGINT), SIGTERM and SIGHUP (``timeout``, a job scheduler, a closed ssh session)
+        stop the run after the current update and save ``last.npz``; a second one stops at once,
+        and then ``last.npz`` is written only if no update was cut in half (a half-applied Adam step
+        would resume as if it had not happened). Signals that arrive while ``last.npz`` is being
+        written wait for it. ``saved`` is the path written at the end (None if none was)."""
         c = self.config
         if not (c.steps or c.minutes):
             raise ValueError("Trainer: set a step budget (steps) or a time budget (minutes)")
         bar = _progress(c.steps, self.step, self.progress)
-        started, tokens_since, t_since, pending = time.perf_counter(), 0, time.perf_counter(), []
-        interrupted, stop = False, []
-        previous_handler = signal.getsignal(signal.SIGINT)
-        catch_ctrl_c = threading.current_thread() is threading.main_thread() and previous_handler is not None
+        started, stop, saving = time.perf_counter(), [], []
+        self.saved = None
 
-        def on_ctrl_c(signum, frame):  # stop after the current update, never half-way through one
-            if stop:                   # a second Ctrl-C stops at once
+        def on_signal(signum, frame):  # stop after the current update, never half-way through one
+            if stop and not saving:    # a second one stops at once (but never mid-save)
                 raise KeyboardInterrupt
             stop.append(signum)
-        if catch_ctrl_c:
-            signal.signal(signal.SIGINT, on_ctrl_c)
+        previous = _catch_stop_signals(on_signal)
+        try:
+            try:
+                interrupted, whole = self._loop(started, stop, bar)
+            finally:
+                saving.append(True)
+                self.elapsed += time.perf_counter() - started
+                bar.close()
+            if self.out_dir is not None and whole:  # the resumable state, also after a stop signal
+                self.saved = self.save(self.out_dir / "last.npz")
+        finally:
+            _restore_signals(previous)
+        if interrupted or stop:
+            raise KeyboardInterrupt
+        return self.losses[-1][1] if self.losses else float("nan")
+
+    def _loop(self, started, stop, bar):
+        """The updates of ``run``: ``(interrupted, whole)`` — whether a second signal cut it short,
+        and whether every update it began was completed (the state is then a resumable one)."""
+        c = self.config
+        tokens_since, t_since, pending, whole = 0, time.perf_counter(), [], True
         step = self.step_function = self._step_function()
         try:
             for i, batch in self._stream():
                 if stop or self._finished(started):
                     break
+                whole = False
                 loss = step(batch)
                 self.step, self.batch_in_epoch = self.step + 1, i + 1
+                whole = True
                 pending.append(loss)
                 tokens_since += batch.num_tgt_tokens
                 if self.step % c.log_every == 0 or (c.steps and self.step == c.steps):
@@ -174,20 +200,10 @@ class Trainer:
                 if self.out_dir is not None and c.checkpoint_every and self.step % c.checkpoint_every == 0:
                     self._interval_checkpoint()
         except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            self.elapsed += time.perf_counter() - started
-            bar.close()
-            if catch_ctrl_c:
-                signal.signal(signal.SIGINT, previous_handler)
-        interrupted = interrupted or bool(stop)
-        if self.out_dir is not None:  # the resumable state, also after Ctrl-C
-            self.save(self.out_dir / "last.npz")
-        if interrupted:
-            raise KeyboardInterrupt
-        if pending:
+            return True, whole
+        if pending:   # the last loss, when the budget ended between two logged steps
             self.losses.append((self.step, float(pending[-1])))
-        return self.losses[-1][1] if self.losses else float("nan")
+        return False, whole
 
     def _step_function(self):
         c = self.config
@@ -209,6 +225,27 @@ class Trainer:
         for line in record.get("samples", []):
             bar.write(f"  {line}")
         return record
+
+
+# the signals that stop a run cleanly: Ctrl-C, and what ``timeout``, schedulers and a closed terminal send
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _catch_stop_signals(handler):
+    """Install ``handler`` for the stop signals; returns the previous handlers ({} when signals cannot
+    be caught here: not the main thread, or SIGINT left to C code)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        return {}
+    previous = {s: signal.getsignal(s) for s in _STOP_SIGNALS}
+    for s in _STOP_SIGNALS:
+        if previous[s] is not signal.SIG_IGN:   # nohup's SIGHUP stays ignored
+            signal.signal(s, handler)
+    return previous
+
+
+def _restore_signals(previous):
+    for s, handler in previous.items():
+        signal.signal(s, handler)
 
 
 class _NoBar:

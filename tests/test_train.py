@@ -162,12 +162,15 @@ def wait_for(path, proc, timeout=60):
         time.sleep(0.02)
 
 
-def test_ctrl_c_stops_training_and_leaves_a_last_checkpoint_that_resumes(tmp_path):
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM", "SIGHUP"])
+def test_ctrl_c_stops_training_and_leaves_a_last_checkpoint_that_resumes(tmp_path, signum):
+    """Ctrl-C, and SIGTERM/SIGHUP (``timeout``, a scheduler, a closed terminal) alike."""
     out = tmp_path / "run"
     proc = start(tmp_path, steps=1_000_000, out=out, checkpoint_every=5)
     wait_for(out / "checkpoint-00000005.npz", proc)     # training is under way
     time.sleep(np.random.default_rng().uniform(0.0, 0.2))
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(getattr(signal, signum))
     try:
         stdout, stderr = proc.communicate(timeout=60)
     finally:
@@ -189,6 +192,57 @@ def test_ctrl_c_stops_training_and_leaves_a_last_checkpoint_that_resumes(tmp_pat
     assert f"training from step {stopped_at}" in finish(more)
     r, _ = result(tmp_path / "more")
     assert r["step"] == stopped_at + 3 and len(r["losses"]) == stopped_at + 3
+
+
+def small_trainer(out, steps=50):
+    mt.manual_seed(0)
+    model = Transformer(vocab_size=20, d_model=16, num_heads=2, num_layers=1, d_ff=32, dropout=0.0, max_len=32)
+    rng = np.random.default_rng(0)
+    data = [collate(*(2 * [[rng.integers(4, 20, size=5).tolist() for _ in range(4)]])) for _ in range(3)]
+    return Trainer(model, lambda epoch: data, TrainConfig(steps=steps, warmup_steps=10, log_every=1),
+                   out_dir=out, progress=False)
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_second_ctrl_c_while_last_npz_is_written_waits_for_it(tmp_path):
+    """Two Ctrl-C during the save at the end: the save finishes (it was lost, and the CLI still said
+    'saved'), then the run stops as interrupted."""
+    trainer = small_trainer(tmp_path)
+    save = trainer.save
+
+    def interrupted_save(path):
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return save(path)
+    trainer.save = interrupted_save
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert trainer.saved == tmp_path / "last.npz"
+    assert read_checkpoint(tmp_path / "last.npz")[1]["meta"]["step"] == trainer.step == 50
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # handlers given back
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_a_second_ctrl_c_in_the_middle_of_an_update_saves_no_half_applied_state(tmp_path):
+    """The second Ctrl-C stops at once; if it cut an update short, last.npz is not written (it would
+    resume from parameters that are neither the step before nor the step after)."""
+    trainer = small_trainer(tmp_path)
+    make_step, calls = trainer._step_function, []
+
+    def step_function():
+        step = make_step()
+
+        def cut(batch):
+            calls.append(1)
+            if len(calls) == 3:        # both arrive inside the third update
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            return step(batch)
+        return cut
+    trainer._step_function = step_function
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert trainer.step == 2 and trainer.saved is None and not (tmp_path / "last.npz").exists()
 
 
 # ---- (c) the copy task ----------------------------------------------------------------------------
