@@ -21,7 +21,9 @@ TRAINING_ONLY_CONFIG = ("dropout", "label_smoothing")
 
 
 def atomic_write(path, write):
-    """Call ``write(file_object)`` on a temporary file, then rename it to ``path``."""
+    """Call ``write(file_object)`` on a temporary file, then rename it to ``path``: a crash (or a
+    full disk) leaves the previous file, never half of one. Every file the project writes (checkpoints,
+    JSON, tokenizers, plots, the corpus) goes through here. Returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -30,11 +32,15 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes the file private (0600); a run is shared as open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
 def write_json(path, obj):

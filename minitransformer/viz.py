@@ -8,8 +8,6 @@ In a notebook a returned Figure shows itself (it is its own PNG for IPython, so 
 backend is needed); ``save_figure`` writes it to a PNG atomically.
 """
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -39,22 +37,10 @@ def _figure(width, height, layout=None):
 def save_figure(fig, path, dpi=100):
     """Write ``fig`` to ``path`` (format from the suffix, PNG by default) via a temporary file and a
     rename, so a crash never leaves half an image; creates the folder. Returns the path."""
+    from .checkpoint import atomic_write
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix[1:].lower() or "png"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes the file private; an image is not
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
 
 
 # ---------------------------------------------------------------------------------------------------

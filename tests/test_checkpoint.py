@@ -253,6 +253,20 @@ def test_atomic_write_replaces_whole_and_cleans_up(tmp_path):
     assert path.read_bytes() == b"two, longer" and leftovers(path.parent) == []
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    """mkstemp makes its file private (0600): a run folder's checkpoints, JSON and tokenizer were
+    unreadable to anyone else while its plots were not. They follow the umask, as open() does."""
+    previous = os.umask(0o027)
+    try:
+        path = atomic_write(tmp_path / "f.bin", lambda f: f.write(b"x"))
+        plain = tmp_path / "plain.bin"
+        plain.write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o640
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
