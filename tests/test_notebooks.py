@@ -54,7 +54,7 @@ def test_notebook_runs_top_to_bottom(path, tmp_path):
     nbformat, nbclient = _jupyter()
     nb = nbformat.read(path, as_version=4)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(NOTEBOOKS.parent), os.environ.get("PYTHONPATH", "")]))
-    env.pop("MT_RUN_DIR", None)          # §6 trains its own small model rather than load a run's
+    env["MT_RUN_DIR"] = "tiny"           # §6 trains its own small model rather than load a run's
     env.pop("MT_FAKE_CUDA", None)
     # tiny models' many small products: one BLAS thread is faster, and keeps CI's time steady
     env.setdefault("OPENBLAS_NUM_THREADS", "1")
