@@ -72,6 +72,8 @@ _GAP = 0.3           # between panels
 _HEADER = 0.3        # the row's name ("cross-attention, layer 2")
 _TITLE = 0.2         # "head 3" above each panel
 _CHAR = 0.075        # width of one character of a 7-pt tick label
+_CBAR = 0.12         # width of the colorbar, right of the last head
+_CBAR_ROOM = 0.55    # its tick labels and name
 
 
 def _label_room(labels):
@@ -98,15 +100,29 @@ def _draw_head(fig, box, w, x_labels, y_labels, title):
     return ax
 
 
+def _colorbar(fig, ax, box):
+    """One colorbar for the whole figure, 0 to 1 (every panel is drawn on that scale: weights are
+    probabilities), in ``box`` = (left, bottom, width, height) in inches. It is a child of the panel
+    ``ax``, so ``fig.axes`` holds the panels only, one per head."""
+    W, H = fig.get_size_inches()
+    left, bottom, width, height = box
+    cax = ax.inset_axes((left / W, bottom / H, width / W, height / H), transform=fig.transFigure)
+    bar = fig.colorbar(ax.images[0], cax=cax, ticks=[0, 0.5, 1])
+    bar.ax.tick_params(labelsize=7, length=2, pad=1)
+    bar.set_label("attention weight", fontsize=7, labelpad=2)
+    return bar
+
+
 def _grid(rows, title):
-    """rows: (row name, weights (h, Lq, Lk), x labels or None, y labels) → Figure, one row of heads each."""
+    """rows: (row name, weights (h, Lq, Lk), x labels or None, y labels) → Figure, one row of heads each,
+    and a colorbar right of the first row."""
     heads = max(w.shape[0] for _, w, _, _ in rows)
     col = max(CELL * max(w.shape[2] for _, w, _, _ in rows), 0.6) + _GAP
     left = max(_label_room(ys) for _, _, _, ys in rows)
     top = 0.15 + (0.45 if title else 0)
     heights = [(_HEADER if name else 0) + _TITLE + CELL * w.shape[1] + (_label_room(xs) if xs is not None else 0.05)
                + _GAP for name, w, xs, _ in rows]
-    W, H = left + heads * col, top + sum(heights)
+    W, H = left + heads * col + _CBAR + _CBAR_ROOM, top + sum(heights)
     fig = _figure(max(W, 3.0), H)
     y = H - top
     for (name, w, xs, ys), h in zip(rows, heights):
@@ -115,8 +131,12 @@ def _grid(rows, title):
         panel_height = CELL * w.shape[1]
         bottom = y - (_HEADER if name else 0) - _TITLE - panel_height
         for i in range(w.shape[0]):
-            _draw_head(fig, (left + i * col, bottom, CELL * w.shape[2], panel_height), w[i], xs,
-                       ys if i == 0 else None, f"head {i + 1}")
+            ax = _draw_head(fig, (left + i * col, bottom, CELL * w.shape[2], panel_height), w[i], xs,
+                            ys if i == 0 else None, f"head {i + 1}")
+        if y == H - top:         # first row: the colorbar beside it, as tall as its panels (within 1–2 inches)
+            panels_top = bottom + panel_height
+            bar_height = min(max(panel_height, 1.0), 2.0, panels_top - 0.1)
+            _colorbar(fig, ax, (left + heads * col, panels_top - bar_height, _CBAR, bar_height))
         y -= h
     if title:
         fig.suptitle(title, y=1 - 0.15 / H, va="top")
@@ -126,7 +146,8 @@ def _grid(rows, title):
 def plot_attention_grid(weights, x_labels=None, y_labels=None, title=None):
     """All heads of one attention layer side by side. ``weights`` is ``(h, Lq, Lk)`` (or one
     ``(Lq, Lk)`` head); row i of a panel is the distribution of query i over the keys.
-    ``x_labels`` name the keys (rotated), ``y_labels`` the queries."""
+    ``x_labels`` name the keys (rotated), ``y_labels`` the queries. Every panel has one colour
+    scale, 0 to 1, shown by the colorbar on the right."""
     weights = _check_weights(weights, "plot_attention_grid")
     _, Lq, Lk = weights.shape
     x_labels = _check_labels(x_labels, Lk, "plot_attention_grid", "x")
@@ -153,7 +174,8 @@ def plot_all_attention(enc_self, dec_self, cross, src_tokens, tgt_tokens, path=N
 
     Each argument is a list over layers (or an array ``(N, h, Lq, Lk)``). ``tgt_tokens`` are the
     decoder's input pieces (``<s>`` + translation). Rows are layers, grouped by kind; columns are
-    heads; queries run down each panel, keys along it. The first head of a row names the queries
+    heads; queries run down each panel, keys along it; one colorbar (0 to 1, every panel's scale)
+    stands right of the first row. The first head of a row names the queries
     and the last layer of a kind names the keys (labelling all 144 panels of the base model would
     cost most of the drawing time). ``layers`` draws only these layers of each kind (indices as
     for a list, e.g. ``[-1]`` for the last; a panel keeps a fixed size per token, so the figure
@@ -184,20 +206,22 @@ def plot_all_attention(enc_self, dec_self, cross, src_tokens, tgt_tokens, path=N
 # ---------------------------------------------------------------------------------------------------
 
 def plot_positional_encoding(table, dims=(4, 5, 6, 7), title="Sinusoidal positional encoding (§3.5)"):
-    """Left: the ``(positions, d_model)`` table as an image. Right: a few of its dimensions
-    along the positions, sine waves whose wavelength grows with the dimension index."""
+    """Left: the ``(positions, d_model)`` table as an image. Right: a few of its columns ``dims``
+    along the positions. Column 2i is the sine and column 2i + 1 the cosine of dimension pair i
+    (the i of the paper's formula), whose wavelength grows with i."""
     table = np.asarray(table, dtype=np.float64)
     if table.ndim != 2:
         raise ValueError(f"plot_positional_encoding: table must be (positions, d_model), got shape {table.shape}")
     fig = _figure(12, 4, "constrained")
     left, right = fig.subplots(1, 2)
     im = left.imshow(table, cmap="RdBu", vmin=-1, vmax=1, aspect="auto", interpolation="nearest")
-    left.set_xlabel("dimension i")
+    left.set_xlabel("column: 2i (sine) and 2i + 1 (cosine) of pair i")
     left.set_ylabel("position pos")
     fig.colorbar(im, ax=left)
     for d in dims:
         if d < table.shape[1]:
-            right.plot(np.arange(table.shape[0]), table[:, d], label=f"dim {d}")
+            right.plot(np.arange(table.shape[0]), table[:, d],
+                       label=f"column {d}: {'sin' if d % 2 == 0 else 'cos'}, i = {d // 2}")
     right.set_xlabel("position pos")
     right.legend(fontsize=8)
     fig.suptitle(title)

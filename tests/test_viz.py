@@ -21,11 +21,18 @@ def assert_png(path):
     assert path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
 
 
+def assert_one_colorbar_from_0_to_1(fig):
+    """Weights are read off one shared scale (a child of one panel: fig.axes stays one per head)."""
+    bars = [c for ax in fig.axes for c in ax.child_axes]
+    assert len(bars) == 1 and bars[0].get_ylim() == (0.0, 1.0)
+
+
 def test_plot_attention_grid(rng, tmp_path):
     h, Lq, Lk = int(rng.integers(1, 5)), int(rng.integers(1, 9)), int(rng.integers(1, 9))
     fig = viz.plot_attention_grid(attention(rng, h, Lq, Lk), [f"k{i}" for i in range(Lk)],
                                   [f"q{i}" for i in range(Lq)], title="one layer")
     assert isinstance(fig, Figure) and len(fig.axes) == h
+    assert_one_colorbar_from_0_to_1(fig)
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == [f"k{i}" for i in range(Lk)]
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [f"q{i}" for i in range(Lq)]
     assert_png(viz.save_figure(fig, tmp_path / "grid.png"))
@@ -55,6 +62,7 @@ def test_plot_all_attention(rng, tmp_path):
     fig = viz.plot_all_attention([attention(rng, h, S, S)] * N, np.stack([attention(rng, h, T, T)] * N),
                                  [attention(rng, h, T, S)] * N, src, tgt, path, title="a → b")
     assert isinstance(fig, Figure) and len(fig.axes) == 3 * N * h
+    assert_one_colorbar_from_0_to_1(fig)
     assert_png(path)
     labelled = {tuple(t.get_text() for t in ax.get_xticklabels()) for ax in fig.axes} - {()}
     assert labelled == {tuple(src), tuple(tgt)}      # keys: source for encoder and cross, target for decoder
