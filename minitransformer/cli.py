@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .progress import LINE_EVERY_SECONDS
+
 # Presets: the model (§3, Table 3), vocabulary and batching of a run, from a laptop to the paper.
 # ``max_tokens`` is the per-side token budget of a batch (the paper's ≈25k, scaled down), ``warmup_steps``
 # the Noam schedule's warm-up (§5.3; shorter than the paper's 4000 because these runs are short), and
@@ -75,21 +77,46 @@ class UserError(Exception):
 # Run directories
 # ---------------------------------------------------------------------------------------------------
 
-def latest_checkpoint(run_dir):
-    """The most recently written of ``last.npz`` and ``checkpoint-*.npz`` in ``run_dir`` (None if none).
-    After a finished or interrupted run that is ``last.npz``; after a crash, the newest interval one."""
+def run_checkpoints(run_dir):
+    """The readable checkpoints of a run directory (``checkpoint-*.npz`` and ``last.npz``) as
+    ``(step, path)`` pairs in the order of the training step stored in each (read without its
+    arrays), not of file times, which a copy (``cp -r``, rsync, unzip) changes. At equal steps an
+    interval checkpoint comes before ``last.npz``; one without a step comes first. A checkpoint that
+    cannot be read is left out with a one-line warning, unless none can be read: then its error is raised."""
+    from .checkpoint import checkpoint_info
     run_dir = Path(run_dir)
-    candidates = [p for p in [run_dir / "last.npz", *sorted(run_dir.glob("checkpoint-*.npz"), reverse=True)]
-                  if p.is_file()]
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: p.stat().st_mtime)   # max keeps the first (last.npz) on ties
+    found, unreadable = [], []
+    for path in [*sorted(run_dir.glob("checkpoint-*.npz")), run_dir / "last.npz"]:
+        if not path.is_file():
+            continue
+        try:
+            step = checkpoint_info(path)["meta"].get("step")
+        except (ValueError, OSError) as e:
+            unreadable.append(e)
+            continue
+        found.append((step if isinstance(step, int) else None, path))
+    if unreadable and not found:
+        raise unreadable[0]
+    for e in unreadable:
+        warnings.warn(f"{_one_line(e)}: skipped")
+    return sorted(found, key=lambda c: -1 if c[0] is None else c[0])    # stable: last.npz after its step's twin
+
+
+def latest_checkpoint(run_dir):
+    """The checkpoint of ``run_dir`` with the highest training step (``last.npz`` on a tie), None if it
+    has none. After a finished or interrupted run that is ``last.npz``; after a crash, the newest interval one."""
+    found = run_checkpoints(run_dir)
+    return found[-1][1] if found else None
 
 
 def _run_paths(checkpoint):
     """``--checkpoint`` is a run directory or a ``.npz`` file inside one: (run_dir, checkpoint file)."""
     path = Path(checkpoint)
     if not path.exists():
+        if path.suffix == ".npz":
+            there = sorted(p.name for p in path.parent.glob("*.npz")) if path.parent.is_dir() else []
+            raise UserError(f"{path}: no such checkpoint file"
+                            + (f" ({path.parent} has {', '.join(there)})" if there else ""))
         raise UserError(f"{path}: no such run directory")
     if path.is_file():
         if path.suffix != ".npz":
@@ -106,9 +133,20 @@ def _read_config(run_dir):
     if not path.is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.json)")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot be read as JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object of the run's settings, found a {type(config).__name__}")
+    return config
+
+
+def _stored(config, run_dir, key):
+    """``config[key]``, or a one-line error naming the run's config.json that lacks it."""
+    if key not in config:
+        raise UserError(f"{Path(run_dir) / 'config.json'} lacks \"{key}\" (not written by `{_PROG} train`, "
+                        f"or edited): the run's settings are incomplete")
+    return config[key]
 
 
 def _read_tokenizer(run_dir):
@@ -122,14 +160,18 @@ def _read_tokenizer(run_dir):
         raise UserError(f"{path}: not a sentencepiece model ({str(e).strip().splitlines()[-1]})") from None
 
 
-def load_run(checkpoint, device="cpu"):
-    """Rebuild a trained model from a run directory: returns ``(model, tokenizer, config, checkpoint path)``."""
+def load_run(checkpoint, device="cpu", announce=False):
+    """Rebuild a trained model from a run directory: returns ``(model, tokenizer, config, checkpoint path)``.
+    ``announce``: say on stderr which checkpoint file (and step) that is."""
     from .checkpoint import read_checkpoint
     from .nn.transformer import Transformer
     run_dir, ckpt = _run_paths(checkpoint)
     config = _read_config(run_dir)
     tokenizer = _read_tokenizer(run_dir)
     arrays, info = read_checkpoint(ckpt)
+    if announce:
+        step = (info.get("meta") or {}).get("step")
+        print(f"using {ckpt}" + (f" (step {step})" if step is not None else ""), file=sys.stderr, flush=True)
     model_config = info.get("config") or config.get("model")
     if not model_config:
         raise UserError(f"{ckpt}: holds no model configuration")
@@ -156,19 +198,56 @@ def _new_run_dir(root="runs"):
 # Data: the same splits at training and at evaluation time
 # ---------------------------------------------------------------------------------------------------
 
+def _corpus_names():
+    from .data import CORPORA
+    return ", ".join(f"{name} ({info.description})" for name, info in CORPORA.items())
+
+
 def _data_path(data, progress):
     """A TSV path, a corpus name (spa, ukr) or None (spa), as a path to a file."""
     from .data import CORPORA, fetch_corpus
     if data is None or (str(data) in CORPORA and not Path(data).exists()):
         return fetch_corpus(str(data or "spa"), progress=progress)
-    return Path(data)
+    path = Path(data)
+    if path.is_dir():
+        raise UserError(f"--data {data}: is a directory; --data takes a source<TAB>target file or a corpus "
+                        f"name: {_corpus_names()}")
+    if not path.exists():
+        raise UserError(f"--data {data}: no such file, and not a corpus name: {_corpus_names()}")
+    return path
+
+
+def _same_file(a, b):
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def run_splits(settings, data=None, progress=False):
     """Re-derive train/valid/test from the data settings stored in config.json (same seed, same
-    sizes, same limit), optionally from another copy of the file (``data``)."""
-    from .data import read_pairs, split_pairs
-    path = _data_path(data if data is not None else settings.get("path"), progress)
+    sizes, same limit), optionally from another copy of the file (``data``, which is warned about
+    when it is not the stored file)."""
+    from .data import CORPORA, read_pairs, split_pairs
+    stored = settings.get("path")
+    if data is None:
+        if stored is None:
+            raise UserError("the run's config.json records no data file: pass it with --data PATH")
+        if stored not in CORPORA and not Path(stored).is_file():
+            name = Path(stored).stem
+            again = f", or --data {name} for the corpus {name} (downloaded again if needed)" if name in CORPORA else ""
+            raise UserError(f"{stored}: the run's data file (recorded in its config.json) is not there any more; "
+                            f"if it moved, pass where it is now with --data NEWPATH{again}")
+        path = _data_path(stored, progress)
+    else:
+        path = _data_path(data, progress)
+        if stored is not None and not _same_file(path, stored):
+            if Path(stored).exists():
+                warnings.warn(f"--data {data} is not the run's data file ({stored}, recorded in its config.json): "
+                              f"the splits are re-derived from it, the run's own only if it holds the same lines")
+            else:
+                warnings.warn(f"--data {data} stands in for the run's data file {stored}, which is not there any "
+                              f"more: the splits are the run's own only if it is the same file, moved")
     pairs = read_pairs(path, reverse=settings.get("reverse", False))[:settings.get("limit")]
     return split_pairs(pairs, valid_size=settings.get("valid_size", SPLIT["valid_size"]),
                        test_size=settings.get("test_size", SPLIT["test_size"]), seed=settings.get("split_seed", 0))
@@ -205,7 +284,7 @@ def _fmt_minutes(seconds):
 
 def cmd_train(args):
     from . import backend
-    from .checkpoint import checkpoint_config, write_json
+    from .checkpoint import checkpoint_config, checkpoint_info, write_json
     from .data import TokenBatcher, prepare_corpus
     from .evaluate import translate
     from .nn.transformer import Transformer
@@ -215,6 +294,9 @@ def cmd_train(args):
     device = _device(args.device)
     progress = not args.no_progress
     out = Path(args.out) if args.out else _new_run_dir()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; --out takes a run directory (a new one, or with --resume the run "
+                        f"to continue)")
     if args.tf32:
         if device != "cuda":
             raise UserError("--tf32 is a GPU setting (TF32 matmuls on tensor cores): use it with --device cuda")
@@ -226,24 +308,31 @@ def cmd_train(args):
     if args.resume:
         if not args.out:
             raise UserError("--resume needs --out DIR, the run directory to continue")
-        fixed = [flag for flag, given in [("--reverse", args.reverse),
-                                          ("--preset", args.preset != "auto"), ("--limit", args.limit is not None),
-                                          *((flag, getattr(args, key) is not None)
-                                            for key, flag in RUN_SETTINGS.items())] if given]
-        if fixed:
-            raise UserError(f"--resume continues {out} with the settings it was started with; "
-                            f"{', '.join(fixed)} cannot change (start a new run with another --out)")
         config = _read_config(out)
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise UserError(f"{out}: nothing to resume (no last.npz or checkpoint-*.npz)")
-        preset_name, preset, data_settings = config["preset"], config["preset_settings"], config["data"]
-        seed = config["seed"]
-        tcfg = TrainConfig(**{**config["train"], "betas": tuple(config["train"]["betas"])})
+        changed = _changed_settings(args, config, out)
+        if changed:
+            raise UserError(f"--resume continues {out} with the settings it was started with; "
+                            f"{', '.join(changed)} cannot change (start a new run with another --out)")
+        preset_name, preset = _stored(config, out, "preset"), _stored(config, out, "preset_settings")
+        data_settings, seed, stored_train = _stored(config, out, "data"), _stored(config, out, "seed"), \
+            _stored(config, out, "train")
+        tcfg = TrainConfig(**{**stored_train, "betas": tuple(stored_train["betas"])})
         if args.steps is not None or args.minutes is not None:   # a new total budget
             tcfg.steps, tcfg.minutes = args.steps or 0, args.minutes or 0.0
         tcfg.cuda_graph = tcfg.cuda_graph or args.cuda_graph
-        _say(f"resuming {out} from {ckpt.name} on {device}")
+        checkpoints = run_checkpoints(out)
+        if not checkpoints:
+            raise UserError(f"{out}: nothing to resume (no last.npz or checkpoint-*.npz)")
+        start_step, ckpt = checkpoints[-1]
+        elapsed = checkpoint_info(ckpt)["meta"].get("elapsed") or 0.0
+        spent = ([f"already at step {start_step} of {tcfg.steps}; pass a larger --steps"]
+                 if tcfg.steps and start_step is not None and start_step >= tcfg.steps else []) + \
+                ([f"already trained {elapsed / 60:.2f} of {tcfg.minutes:g} minutes; pass a larger --minutes"]
+                 if tcfg.minutes and elapsed >= tcfg.minutes * 60 else [])
+        if spent:   # nothing to train: leave the run's bleu.json and plots as they are
+            raise UserError(f"{out} is {' and '.join(spent)} (with --resume the budgets are totals, counting "
+                            f"the steps and minutes the run already has)")
+        _say(f"resuming {out} from {ckpt.name} (step {start_step}) on {device}")
         tokenizer = _read_tokenizer(out)
         splits = run_splits(data_settings, data=args.data, progress=progress)   # --data: the file, moved
         ids = {name: _encode(tokenizer, pairs, data_settings.get("max_len", MAX_LEN)) for name, pairs in splits.items()}
@@ -270,7 +359,7 @@ def cmd_train(args):
         data_settings = dict(path=str(Path(data_path).resolve()), reverse=args.reverse, split_seed=args.split_seed,
                              vocab_size=preset["vocab_size"], limit=args.limit, max_len=MAX_LEN, **SPLIT)
         _say(f"preparing {data_path} ({'target→source' if args.reverse else 'source→target'}, "
-             f"vocabulary {preset['vocab_size']}) …")
+             f"a vocabulary of up to {preset['vocab_size']} pieces) …")
         corpus = prepare_corpus(data_path, reverse=args.reverse, vocab_size=preset["vocab_size"], max_len=MAX_LEN,
                                 seed=args.split_seed, limit=args.limit, progress=progress, **SPLIT)
         tokenizer, splits, ids = corpus.tokenizer, corpus.splits, corpus.ids
@@ -321,26 +410,33 @@ def cmd_train(args):
 
     trainer = Trainer(model, lambda e: list(train_batches.epoch(e)), tcfg, out_dir=out, valid_batches=valid_batches,
                       on_eval=on_eval, progress=progress)
-    if args.resume:
+    if args.resume:   # the budgets are the run's totals
         trainer.resume(ckpt)
-    budget = " and ".join(([f"{tcfg.steps} steps"] if tcfg.steps else []) +
-                          ([f"{tcfg.minutes:g} min"] if tcfg.minutes else []))
+        budget = " or ".join(([f"to step {tcfg.steps}"] if tcfg.steps else []) +
+                             ([f"to {tcfg.minutes:g} min in all"] if tcfg.minutes else []))
+        budget += f" (from step {trainer.step}" + (f", {_fmt_minutes(trainer.elapsed)}" if tcfg.minutes else "") + ")"
+    else:
+        steps = f"{tcfg.steps} step{'s' if tcfg.steps != 1 else ''}"
+        budget = "for " + " and ".join(([steps] if tcfg.steps else []) +
+                                       ([f"{tcfg.minutes:g} min"] if tcfg.minutes else []))
+    heads = model.config.num_heads
     _say(f"run directory {out}\n"
-         f"model: preset {preset_name} (d_model {model.config.d_model}, {model.config.num_heads} heads, "
+         f"model: preset {preset_name} (d_model {model.config.d_model}, {heads} head{'s' if heads != 1 else ''}, "
          f"{model.config.num_layers}+{model.config.num_layers} layers, d_ff {model.config.d_ff}"
          f"{', learned positions' if model.config.learned_positions else ''}"
          f"{', pre-LN' if model.config.norm_first else ''}, P_drop {model.config.dropout:g}, "
          f"eps_ls {tcfg.label_smoothing:g}), "
-         f"{model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}, on {device}\n"
+         f"{model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}"
+         + (f" (the training text holds too few pieces for {preset['vocab_size']})"
+            if tokenizer.vocab_size < preset["vocab_size"] else "") + f", on {device}\n"
          f"data: {n_train:,} training pairs in {len(train_batches)} batches of ≤{preset['max_tokens']} tokens, "
          f"{len(ids['valid'][0]):,} valid, {len(splits['test']):,} test\n"
-         f"training for {budget}" + (f" (so that the whole command ends within {DEFAULT_TOTAL_MINUTES[device]:g} min; "
-                                     f"--steps or --minutes choose another budget)" if auto_budget else ""))
+         f"training {budget}" + (f" (so that the whole command ends within {DEFAULT_TOTAL_MINUTES[device]:g} min; "
+                                 f"--steps or --minutes choose another budget)" if auto_budget else ""))
     try:
         trainer.run()
     except KeyboardInterrupt:
-        print(f"\ninterrupted at step {trainer.step}; saved {out / 'last.npz'}\n"
-              f"continue with:  {_PROG} train --resume --out {out}", file=sys.stderr, flush=True)
+        print(f"\n{_after_interrupt(out, trainer.step)}", file=sys.stderr, flush=True)
         return 130
     _say(f"trained {trainer.step} steps in {_fmt_minutes(trainer.elapsed)} "
          f"({60 * trainer.step / max(trainer.elapsed, 1e-9):.0f} steps/min overall)"
@@ -355,6 +451,45 @@ def cmd_train(args):
         print(f"\ninterrupted during the final evaluation; the trained model is saved in {out / 'last.npz'}\n"
               f"score it with:  {_PROG} evaluate --checkpoint {out}", file=sys.stderr, flush=True)
         return 130
+
+
+def _changed_settings(args, config, run_dir):
+    """The settings given with ``train --resume`` that differ from those the run was started with, as
+    ``"--heads 2 (the run has 4)"``. A value equal to the stored one is no change: the original command
+    with ``--resume`` added is accepted."""
+    preset = _stored(config, run_dir, "preset_settings")
+    data, model, train = _stored(config, run_dir, "data"), config.get("model") or {}, config.get("train") or {}
+    stored = {"preset": _stored(config, run_dir, "preset"), "limit": data.get("limit"),
+              "reverse": bool(data.get("reverse")), **{key: preset.get(key) for key in RUN_SETTINGS},
+              "label_smoothing": train.get("label_smoothing"), "norm_first": bool(model.get("norm_first")),
+              "positions": "learned" if model.get("learned_positions") else "sinusoidal"}
+    given = [("reverse", "--reverse", args.reverse or None),       # None: not given
+             ("preset", "--preset", None if args.preset == "auto" else args.preset),
+             ("limit", "--limit", args.limit),
+             *((key, flag, getattr(args, key)) for key, flag in RUN_SETTINGS.items())]
+    changed = []
+    for key, flag, value in given:
+        if value is None or value == stored[key]:
+            continue
+        changed.append(f"{flag} (the run was started without it)" if value is True
+                       else f"{flag} {value} (the run has {'none' if stored[key] is None else stored[key]})")
+    return changed
+
+
+def _after_interrupt(out, step):
+    """What a stopped ``train`` says: where its state is saved, judged by the files (not by intent)."""
+    last = out / "last.npz"
+    try:
+        found = run_checkpoints(out)
+    except (ValueError, OSError):
+        found = []
+    if found and found[-1] == (step, last):
+        return f"interrupted at step {step}; saved {last}\ncontinue with:  {_PROG} train --resume --out {out}"
+    if found:
+        saved_step, saved = found[-1]
+        return (f"interrupted at step {step}; {last} was not saved at that step, the latest checkpoint is {saved} "
+                f"(step {saved_step})\ncontinue from it with:  {_PROG} train --resume --out {out}")
+    return f"interrupted at step {step}; no checkpoint was saved in {out}: start the run again to train it"
 
 
 def _final_evaluation(args, out, device, model, tokenizer, splits, valid_batches, show, trainer, started):
@@ -441,20 +576,74 @@ def _decode_device(args):
     return device
 
 
+def _source_limit(model, max_len_b=50):
+    """The most source tokens a translation may start from: the decoder writes up to ``S + max_len_b``
+    tokens after bos (§6.1; ``evaluate.translate``'s and ``greedy_decode``'s default lengths), all within
+    the model's positional table (``max_len``). None for a model without one."""
+    from .decode import positions_of
+    positions = positions_of(model)
+    return positions - max_len_b - 1 if positions else None
+
+
+def _warn_if_cut(tokenizer, texts, names, limit):
+    """One warning for all ``texts`` longer than ``limit`` tokens, which ``translate`` cuts to their start."""
+    if limit is None:
+        return
+    long = [(name, n) for name, n in zip(names, map(len, tokenizer.encode_batch(texts))) if n > limit]
+    if long:
+        shown = ", ".join(f"{name}: {n}" for name, n in long[:3]) + (", …" if len(long) > 3 else "")
+        what = "the input is" if len(texts) == 1 else f"{len(long)} of the inputs are"
+        warnings.warn(f"{what} longer than the model takes ({shown} tokens): translated from the first {limit} "
+                      f"tokens only")
+
+
+def _text_argument(words, command):
+    """The TEXT words of the command line as one sentence, joined by spaces."""
+    text = " ".join(words).strip()
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:   # bytes that are not UTF-8 reach argv as lone surrogates
+        raise UserError(f"{command}: TEXT is not valid UTF-8 text") from None
+    return text
+
+
+def _utf8_line(raw, n):
+    """Line ``n`` of standard input as text (UTF-8; a byte-order mark on line 1 is dropped)."""
+    try:
+        return raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as e:
+        raise UserError(f"standard input, line {n}: not valid UTF-8 (byte {raw[e.start]:#04x} at byte {e.start + 1} "
+                        f"of the line); convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def cmd_translate(args):
     from .evaluate import translate
-    model, tokenizer, _, _ = load_run(args.checkpoint, _decode_device(args))
+    model, tokenizer, _, _ = load_run(args.checkpoint, _decode_device(args), announce=True)
+    limit = _source_limit(model)
 
-    def run(texts):
-        return translate(model, tokenizer, [t.strip() for t in texts], beam_size=args.beam, alpha=args.alpha,
-                         batch_size=args.batch_size, cuda_graph=args.cuda_graph)
-    if not args.text and sys.stdin.isatty():   # someone typing: answer each line as it comes
-        print("type a sentence and press Enter; Ctrl-D (Ctrl-Z Enter on Windows) ends", file=sys.stderr, flush=True)
-        for line in sys.stdin:
-            print(run([line])[0], flush=True)
+    def run(texts, names):
+        texts = [t.strip() for t in texts]
+        _warn_if_cut(tokenizer, texts, names, limit)
+        return translate(model, tokenizer, texts, beam_size=args.beam, alpha=args.alpha, batch_size=args.batch_size,
+                         max_src_len=limit, cuda_graph=args.cuda_graph)
+    if args.text:   # the words of one sentence, quoted or not (as attention takes them)
+        if len(args.text) > 1 and any(" " in t.strip() for t in args.text):
+            print("note: the TEXT arguments are translated as one sentence; give several sentences one a line on "
+                  "standard input", file=sys.stderr, flush=True)
+        print(run([_text_argument(args.text, "translate")], ["TEXT"])[0], flush=True)
         return 0
-    texts = args.text if args.text else [line.rstrip("\r\n") for line in sys.stdin]   # a file: in batches
-    for line in run(texts):
+    if sys.stdin.isatty():   # someone typing: answer each line as it comes
+        print("type a sentence and press Enter; Ctrl-D (Ctrl-Z Enter on Windows) ends", file=sys.stderr, flush=True)
+        for n, raw in enumerate(sys.stdin.buffer, 1):
+            try:
+                line = _utf8_line(raw, n)
+            except UserError as e:
+                print(f"{_PROG}: warning: {e}: skipped", file=sys.stderr, flush=True)
+                continue
+            print(run([line], [f"line {n}"])[0], flush=True)
+        return 0
+    texts = [_utf8_line(raw, n) for n, raw in enumerate(sys.stdin.buffer, 1)]   # a file: in batches
+    for line in run(texts, [f"line {n}" for n in range(1, len(texts) + 1)]):
         print(line, flush=False)
     sys.stdout.flush()
     return 0
@@ -462,16 +651,15 @@ def cmd_translate(args):
 
 def cmd_evaluate(args):
     from .evaluate import bleu
-    model, tokenizer, config, ckpt = load_run(args.checkpoint, _decode_device(args))
-    if "data" not in config:
-        raise UserError(f"{args.checkpoint}: config.json has no data settings")
-    splits = run_splits(config["data"], data=args.data, progress=not args.no_progress)
+    model, tokenizer, config, ckpt = load_run(args.checkpoint, _decode_device(args), announce=True)
+    run_dir = ckpt.parent
+    splits = run_splits(_stored(config, run_dir, "data"), data=args.data, progress=not args.no_progress)
     pairs = sample_pairs(splits[args.split], args.limit)
     if not pairs:
         raise UserError(f"the {args.split} split is empty")
     what = f"{len(pairs)} of {len(splits[args.split])}" if len(pairs) < len(splits[args.split]) \
         else f"all {len(pairs)}"
-    print(f"translating {what} {args.split} sentences with beam {args.beam} ({ckpt}) …", file=sys.stderr, flush=True)
+    print(f"translating {what} {args.split} sentences with beam {args.beam} …", file=sys.stderr, flush=True)
     r = bleu(model, tokenizer, pairs, beam_size=args.beam, batch_size=args.batch_size, progress=not args.no_progress,
              cuda_graph=args.cuda_graph)
     print(f"BLEU = {r['bleu']:.2f}  ({r['signature']})\nchrF = {r['chrf']:.2f}  ({r['chrf_signature']})\n"
@@ -482,11 +670,17 @@ def cmd_evaluate(args):
 def cmd_attention(args):
     from .evaluate import attention_maps
     from .viz import plot_all_attention
-    model, tokenizer, _, _ = load_run(args.checkpoint, _device(args.device))
+    model, tokenizer, _, _ = load_run(args.checkpoint, _device(args.device), announce=True)
     N = model.config.num_layers
     if args.layers and not all(-N <= i < N for i in args.layers):
         raise UserError(f"--layers: the model has {N} layers (1 to {N}, or -1 to -{N} from the last)")
-    text = " ".join(args.text).strip()
+    text = _text_argument(args.text, "attention")
+    n, limit = len(tokenizer.encode(text)), _source_limit(model)
+    if n == 0:
+        raise UserError("attention: the text is empty: give the sentence whose attention to plot as TEXT")
+    if limit is not None and n > limit:
+        raise UserError(f"attention: the text is {n} tokens long; the longest this model can plot is {limit} "
+                        f"tokens (its {model.config.max_len} positions must also hold the translation): shorten it")
     maps = attention_maps(model, tokenizer, text)
     plot_all_attention(maps["enc_self"], maps["dec_self"], maps["cross"], maps["src_tokens"], maps["tgt_tokens"],
                        args.out, title=f"{text}  →  {maps['translation']}", layers=args.layers)
@@ -504,9 +698,8 @@ def cmd_average(args):
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: expected a run directory (its last.npz and checkpoint-*.npz are averaged)")
     by_step = {}
-    for path in [run_dir / "last.npz", *sorted(run_dir.glob("checkpoint-*.npz"))]:   # an interval one wins a tie
-        if path.is_file():
-            by_step[checkpoint_info(path)["meta"].get("step")] = path
+    for step, path in run_checkpoints(run_dir):   # in the order of steps; an interval one wins a tie
+        by_step.setdefault(step, path)
     steps = sorted(s for s in by_step if s is not None)[-args.last:]
     if len(steps) < 2:
         raise UserError(f"{run_dir}: {'no checkpoint' if not steps else 'one checkpoint'} to average, two or more "
@@ -541,11 +734,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{_PROG}: error: {message} (see: {self.prog} --help)\n")
 
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+def _number_type(name, convert, accept):
+    """An argparse ``type``: ``convert(text)`` when ``accept`` takes it, else "expected NAME, got TEXT".
+    Its ``__name__`` ("positive integer") is what argparse names it by in a message of its own."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text}")
+        return value
+    parse.__name__ = name.split(" ", 1)[1]
+    return parse
+
+
+_positive_int = _number_type("a positive integer", int, lambda v: v >= 1)
+_nonnegative_int = _number_type("an integer >= 0", int, lambda v: v >= 0)
+_probability = _number_type("a number in [0, 1)", float, lambda v: 0 <= v < 1)
+_positive_float = _number_type("a positive number", float, lambda v: v > 0)
 
 
 def _layer_numbers(text):
@@ -557,27 +764,6 @@ def _layer_numbers(text):
     if 0 in numbers:
         raise argparse.ArgumentTypeError(f"layers are counted from 1 (or -1 for the last), got {text}")
     return [n - 1 if n > 0 else n for n in numbers]
-
-
-def _nonnegative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-def _probability(text):
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
-    return value
-
-
-def _positive_float(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
 
 
 def build_parser():
@@ -597,9 +783,12 @@ def build_parser():
     t.add_argument("--reverse", action="store_true", help="swap the columns (e.g. Spanish→English)")
     t.add_argument("--preset", default="auto", choices=[*PRESETS, "auto"],
                    help=f"model size (default auto: {AUTO_PRESET['cpu']} on cpu, {AUTO_PRESET['cuda']} on cuda)")
-    t.add_argument("--steps", type=_positive_int, help="stop after N updates")
-    t.add_argument("--minutes", type=_positive_float, help="stop after M minutes of training")
-    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    t.add_argument("--steps", type=_positive_int, metavar="N",
+                   help="stop after N updates (with --resume: the run's total, counting the steps it has)")
+    t.add_argument("--minutes", type=_positive_float, metavar="M",
+                   help="stop after M minutes of training (with --resume: the run's total)")
+    t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to train (default auto: cuda if CuPy finds a GPU, else cpu)")
     t.add_argument("--out", help="run directory (default runs/<timestamp>)")
     t.add_argument("--seed", type=int, default=0, help="parameter initialisation, dropout and batch order")
     t.add_argument("--split-seed", type=int, default=0, help="which sentences go to valid/test (default 0)")
@@ -618,8 +807,12 @@ def build_parser():
     t.add_argument("--norm-first", action="store_true", default=None,
                    help="LayerNorm before each sublayer, x + Sublayer(LayerNorm(x)) (pre-LN; not the paper's "
                         "LayerNorm(x + Sublayer(x)), §3.1)")
-    t.add_argument("--limit", type=_positive_int, help="use only the first N pairs of the file (quick runs)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    t.add_argument("--limit", type=_positive_int, metavar="N",
+                   help="use only the first N pairs of the file (quick runs): of the default corpus, the N shortest "
+                        "pairs, as spa.tsv is sorted by length (of the English side)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint of the highest step; settings equal to the "
+                        "run's are accepted, other ones refused")
     t.add_argument("--eval-every", type=_positive_int, help="validation loss and sample translations every N steps")
     t.add_argument("--checkpoint-every", type=_positive_int, help="write checkpoint-<step>.npz every N steps")
     t.add_argument("--test-limit", type=_nonnegative_int,
@@ -632,13 +825,16 @@ def build_parser():
     t.add_argument("--cuda-graph", action="store_true",
                    help="GPU: capture the training step once per batch shape (lengths padded to multiples of 8) "
                         "and replay it as a CUDA graph: one launch instead of hundreds")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (when stderr is not a terminal, e.g. a log file, a plain line every "
+                        f"{LINE_EVERY_SECONDS:g} s takes their place)")
     t.set_defaults(func=cmd_train)
 
     def model_args(q):
         q.add_argument("--checkpoint", required=True, metavar="DIR",
                        help="run directory (or one .npz checkpoint inside it)")
-        q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        q.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="where to run the model (default auto: cuda if CuPy finds a GPU, else cpu)")
 
     def decode_args(q):
         q.add_argument("--cuda-graph", action="store_true",
@@ -647,13 +843,17 @@ def build_parser():
                             "4-6x faster than without the cache, same hypotheses)")
 
     tr = sub.add_parser("translate", help="translate sentences with a trained model",
-                        description="Translate each TEXT, or each line of standard input; one line out per input. "
-                                    "Typed at a terminal, each line is answered as soon as you press Enter.")
+                        description="Translate TEXT, the words of one sentence (quoted or not, joined by spaces, "
+                                    "as attention takes them), or each line of standard input (several sentences: "
+                                    "one a line, piped or from a file, < FILE), read as UTF-8; one line out per "
+                                    "sentence. Typed at a terminal, each line is answered as soon as you press "
+                                    "Enter. A sentence longer than the model takes is cut, with a warning.")
     model_args(tr)
-    tr.add_argument("text", nargs="*", metavar="TEXT")
+    tr.add_argument("text", nargs="*", metavar="TEXT", help="the sentence (default: read standard input)")
     tr.add_argument("--beam", type=_positive_int, default=4, help="beam size (1: greedy; default 4)")
     tr.add_argument("--alpha", type=float, default=0.6, help="length penalty α (default 0.6, §6.1)")
-    tr.add_argument("--batch-size", type=_positive_int, default=64)
+    tr.add_argument("--batch-size", type=_positive_int, default=64,
+                    help="sentences decoded together (default 64; lower it if memory runs short)")
     decode_args(tr)
     tr.set_defaults(func=cmd_translate)
 
@@ -661,12 +861,14 @@ def build_parser():
                         description="Score a split of the run's data; the split is re-derived with the run's "
                                     "seed, so 'test' is the test split of training time.")
     model_args(ev)
-    ev.add_argument("--data", help="the TSV (default: the file recorded in the run's config.json)")
+    ev.add_argument("--data", help="the TSV (default: the file recorded in the run's config.json; another file "
+                                   "is scored with a warning, as its split is not the run's)")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    ev.add_argument("--beam", type=_positive_int, default=4)
+    ev.add_argument("--beam", type=_positive_int, default=4, help="beam size (1: greedy; default 4, §6.1)")
     ev.add_argument("--limit", type=_positive_int, help="score a fixed random sample of N sentences")
-    ev.add_argument("--batch-size", type=_positive_int, default=64)
-    ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--batch-size", type=_positive_int, default=64,
+                    help="sentences decoded together (default 64; lower it if memory runs short)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bar")
     decode_args(ev)
     ev.set_defaults(func=cmd_evaluate)
 
@@ -674,7 +876,7 @@ def build_parser():
                         description="Translate TEXT greedily, then plot encoder self-, decoder self- and "
                                     "cross-attention of every layer and head into one PNG.")
     model_args(at)
-    at.add_argument("text", nargs="+", metavar="TEXT")
+    at.add_argument("text", nargs="+", metavar="TEXT", help="the sentence (its words joined by spaces)")
     at.add_argument("--out", required=True, metavar="PNG")
     at.add_argument("--layers", type=_layer_numbers, metavar="N[,N…]",
                     help="only these layers of each kind, counted from 1 (-1: the last), e.g. --layers 1,-1 "

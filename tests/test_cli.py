@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,17 @@ def trained(cli, tmp_path_factory):
 @pytest.fixture(scope="module")
 def run_dir(trained):
     return trained[0]
+
+
+def run_patched(env, prelude, *args):
+    """``minitransformer args`` in a subprocess, after the Python in ``prelude`` (which patches the package)."""
+    code = f"{prelude}\nimport sys\nfrom minitransformer.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def warning_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("minitransformer: warning: ")]
 
 
 def assert_user_error(done, *fragments):
@@ -118,10 +130,20 @@ def test_loss_curves_of_a_run():
     assert loss_curves(trainer) == {}
 
 
-def test_translate_arguments(cli, run_dir):
-    done = cli("translate", "--checkpoint", run_dir, "--beam", "1", "I like cats.", "Where is the station?")
+def test_translate_arguments_are_the_words_of_one_sentence(cli, run_dir):
+    """Unquoted words are one sentence, as attention takes them (they were one sentence each); several
+    sentences come one a line on standard input."""
+    done = cli("translate", "--checkpoint", run_dir, "--beam", "1", "I", "like", "green", "apples.")
     assert done.returncode == 0, done.stderr
-    assert len(done.stdout.splitlines()) == 2
+    assert len(done.stdout.splitlines()) == 1
+    piped = cli("translate", "--checkpoint", run_dir, "--beam", "1", stdin="I like green apples.\n")
+    assert done.stdout == piped.stdout
+    assert "note:" not in done.stderr
+    done = cli("translate", "--checkpoint", run_dir, "--beam", "1", "I like cats.", "Where is the station?")
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1, done.stderr
+    assert "one sentence" in done.stderr and "standard input" in done.stderr   # quoted sentences: a note
+    help_text = " ".join(cli("translate", "--help").stdout.split())
+    assert "the words of one sentence" in help_text and "one a line" in help_text
 
 
 def test_translate_stdin(cli, run_dir):
@@ -160,11 +182,68 @@ def test_translate_a_checkpoint_file(cli, run_dir):
     assert len(done.stdout.splitlines()) == 1
 
 
+def test_translate_reads_standard_input_as_utf8(env, run_dir):
+    """Input that is not UTF-8 (Latin-1 "café") stops with the number of its line, not a message from
+    sentencepiece's C++ bindings; a byte-order mark on the first line is dropped."""
+    def translate(data):
+        done = subprocess.run([sys.executable, "-m", "minitransformer", "translate", "--checkpoint", str(run_dir),
+                               "--beam", "1"], cwd=ROOT, env=env, input=data, capture_output=True, timeout=120)
+        done.stdout, done.stderr = done.stdout.decode("utf-8"), done.stderr.decode("utf-8")
+        return done
+    assert_user_error(translate(b"Hello.\ncaf\xe9\nGood night.\n"), "standard input, line 2", "not valid UTF-8")
+    done = translate("\ufeffHello.\ncafé\n".encode("utf-8"))
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 2, done.stderr
+
+
+def test_input_longer_than_the_model_takes(cli, run_dir, tmp_path):
+    """The model's 512 positions hold at most 461 source tokens (50 more for the translation, and bos):
+    translate cuts a longer sentence with one warning, attention says what the longest text is."""
+    long = " ".join(["Where is the station?"] * 60)     # ≈600 subword tokens with the run's tokenizer
+    done = cli("translate", "--checkpoint", run_dir, "--beam", "1", long)
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 1, done.stderr
+    [warning] = warning_lines(done.stderr)
+    assert "longer than the model takes" in warning and "the first 461 tokens" in warning
+    done = cli("translate", "--checkpoint", run_dir, "--beam", "1", stdin=f"Hello.\n{long}\n{long}\n")
+    assert done.returncode == 0 and len(done.stdout.splitlines()) == 3, done.stderr
+    [warning] = warning_lines(done.stderr)
+    assert "2 of the inputs" in warning and "line 2:" in warning and "the first 461 tokens" in warning
+    assert_user_error(cli("attention", "--checkpoint", run_dir, long, "--out", tmp_path / "a.png"),
+                      "attention: the text is", "the longest this model can plot is 461 tokens")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_latest_checkpoint_goes_by_step_not_by_file_time(cli, run_dir, tmp_path):
+    """After a copy (cp -r, rsync, unzip) file times say nothing: the step stored in each checkpoint
+    decides, last.npz wins a tie, and an unreadable one is skipped with a warning."""
+    from minitransformer.cli import latest_checkpoint
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    later = time.time() + 60
+    os.utime(copy / "checkpoint-00000004.npz", (later, later))
+    os.utime(copy / "checkpoint-00000008.npz", (later - 1, later - 1))
+    assert latest_checkpoint(copy) == copy / "last.npz"
+    (copy / "last.npz").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.warns(UserWarning, match="last.npz cannot be read"):
+        assert latest_checkpoint(copy) == copy / "checkpoint-00000008.npz"
+    done = cli("translate", "--checkpoint", copy, "--beam", "1", "Hi.")
+    assert done.returncode == 0, done.stderr
+    [warning] = warning_lines(done.stderr)
+    assert str(copy / "last.npz") in warning and "skipped" in warning
+    assert f"using {copy / 'checkpoint-00000008.npz'} (step 8)" in done.stderr
+    (copy / "last.npz").unlink()
+    assert latest_checkpoint(copy) == copy / "checkpoint-00000008.npz"
+    for name in ("checkpoint-00000004.npz", "checkpoint-00000008.npz"):
+        (copy / name).write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a minitransformer checkpoint"):   # none readable: the error
+        latest_checkpoint(copy)
+
+
 def test_evaluate(cli, run_dir):
     done = cli("evaluate", "--checkpoint", run_dir, "--limit", "3", "--beam", "2", "--no-progress")
     assert done.returncode == 0, done.stderr
     assert "BLEU = " in done.stdout and "chrF = " in done.stdout and "nrefs:1" in done.stdout
     assert "3 of" in done.stdout
+    assert f"using {run_dir / 'last.npz'} (step 8)" in done.stderr and not warning_lines(done.stderr)
 
 
 def test_evaluate_uses_the_training_time_test_split(cli, run_dir):
@@ -184,6 +263,7 @@ def test_attention(cli, run_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert str(png) in done.stdout
+    assert f"using {run_dir / 'last.npz'} (step 8)" in done.stderr
 
 
 def test_attention_of_some_layers(cli, run_dir, tmp_path):
@@ -197,14 +277,56 @@ def test_attention_of_some_layers(cli, run_dir, tmp_path):
 
 
 def test_resume_continues_a_run(cli, run_dir, tmp_path):
+    """The original command with --resume added continues the run: settings equal to the stored ones are
+    no change; --steps is the run's total."""
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     (copy / "last.npz").unlink()                     # as after a crash: the newest interval checkpoint is used
-    done = cli("train", "--resume", "--out", copy, "--steps", "10", "--test-limit", "2", "--no-progress")
+    done = cli("train", "--data", SAMPLE, *QUICK, "--steps", "10", "--out", copy, "--resume", "--test-limit", "2")
     assert done.returncode == 0, done.stderr
-    assert "resuming" in done.stdout and "checkpoint-00000008.npz" in done.stdout
+    assert "resuming" in done.stdout and "checkpoint-00000008.npz (step 8)" in done.stdout
+    assert "training to step 10 (from step 8)" in done.stdout
     assert "trained 10 steps" in done.stdout
     assert (copy / "checkpoint-00000010.npz").is_file() or (copy / "last.npz").is_file()
+
+
+def test_resume_past_its_step_budget_stops_without_retraining(cli, run_dir, tmp_path):
+    """With --resume, --steps is the run's total: a run already there is told so (exit 1, a user
+    mistake: nothing was trained) and its checkpoints, bleu.json and plots stay as they are."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    before = {p.name: p.read_bytes() for p in copy.iterdir()}
+    for steps in ("8", "5"):
+        done = cli("train", "--data", SAMPLE, *QUICK, "--steps", steps, "--out", copy, "--resume")
+        assert done.returncode == 1
+        assert_user_error(done, f"already at step 8 of {steps}; pass a larger --steps")
+        assert "trained" not in done.stdout and "training" not in done.stdout
+    assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
+    help_text = " ".join(cli("train", "--help").stdout.split())
+    assert "stop after N updates (with --resume: the run's total" in help_text
+
+
+INTERRUPTED_BEFORE_SAVING = """
+from minitransformer import train
+def run(self):                  # stopped before last.npz could be written
+    self.step += 3
+    raise KeyboardInterrupt
+train.Trainer.run = run
+"""
+
+
+def test_ctrl_c_says_saved_only_when_it_was(env, run_dir, tmp_path):
+    done = run_patched(env, INTERRUPTED_BEFORE_SAVING, "train", "--data", SAMPLE, *FAST, "--out", tmp_path / "new")
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+    assert "interrupted at step 3; no checkpoint was saved" in done.stderr and "; saved" not in done.stderr
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    (copy / "last.npz").unlink()
+    done = run_patched(env, INTERRUPTED_BEFORE_SAVING, "train", "--resume", "--out", copy, "--steps", "20")
+    assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr
+    assert "interrupted at step 11" in done.stderr and "; saved" not in done.stderr
+    assert f"the latest checkpoint is {copy / 'checkpoint-00000008.npz'} (step 8)" in done.stderr
+    assert f"train --resume --out {copy}" in done.stderr
 
 
 def test_average_writes_the_mean_of_the_last_checkpoints(cli, run_dir, tmp_path):
@@ -242,6 +364,31 @@ def test_average_refuses_what_it_cannot_average(cli, run_dir, tmp_path):
     assert_user_error(cli("average", "--checkpoint", tmp_path / "nothing"), "expected a run directory")
 
 
+def test_train_summary_says_what_it_built(cli, tmp_path):
+    """One head is "1 head"; a vocabulary the text cannot fill is shown at its real size, not as asked."""
+    out = tmp_path / "one-head"
+    done = cli("train", "--data", SAMPLE, *QUICK, "--steps", "1", "--limit", "200", "--vocab-size", "20000",
+               "--d-model", "32", "--heads", "1", "--layers", "1", "--d-ff", "48", "--test-limit", "2", "--beam", "1",
+               "--out", out)
+    assert done.returncode == 0, done.stderr
+    actual = Tokenizer.load(out / "tokenizer.model").vocab_size
+    assert actual < 20000
+    assert "up to 20000 pieces" in done.stdout and "vocabulary 20000" not in done.stdout
+    assert f"vocabulary {actual} (" in done.stdout
+    assert "1 head," in done.stdout and "training for 1 step\n" in done.stdout
+
+
+def test_help_texts(cli):
+    train = " ".join(cli("train", "--help").stdout.split())
+    assert "the N shortest pairs" in train and "sorted by length" in train   # --limit on spa.tsv
+    assert "--device {auto,cpu,cuda} where to train" in train
+    translate = " ".join(cli("translate", "--help").stdout.split())
+    assert "--batch-size BATCH_SIZE sentences decoded together" in translate
+    assert "--device {auto,cpu,cuda} where to run" in translate
+    evaluate = " ".join(cli("evaluate", "--help").stdout.split())
+    assert "--beam BEAM beam size" in evaluate and "--batch-size BATCH_SIZE sentences" in evaluate
+
+
 def test_train_with_table_3_variations(cli, tmp_path):
     """The paper's Table 3 knobs override the preset, are stored in the run, and the run loads with them."""
     out = tmp_path / "variant"
@@ -267,8 +414,13 @@ def test_train_refuses_variations_that_do_not_fit(cli, tmp_path, run_dir):
     assert done.returncode == 2 and "expected a number in [0, 1), got 1" in done.stderr
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    assert_user_error(cli("train", "--resume", "--out", copy, "--heads", "2", "--dropout", "0.3", "--norm-first"),
-                      "--dropout, --heads, --norm-first cannot change")
+    assert_user_error(cli("train", "--resume", "--out", copy, "--heads", "2", "--dropout", "0.3", "--norm-first",
+                          "--d-model", "128", "--vocab-size", "300", "--preset", "tiny"),
+                      "--dropout 0.3 (the run has 0.1), --heads 2 (the run has 4), --norm-first (the run was "
+                      "started without it) cannot change")
+    assert_user_error(cli("train", "--resume", "--out", copy, "--preset", "small", "--limit", "5", "--reverse"),
+                      "--reverse (the run was started without it), --preset small (the run has tiny), "
+                      "--limit 5 (the run has none) cannot change")
 
 
 def test_the_table_3_benchmark_trains_each_row_with_its_change(env, tmp_path):
@@ -291,6 +443,29 @@ def test_data_fetch_uses_the_cache(cli, cache):
     done = cli("data", "fetch", "--corpus", "spa", "--no-progress")
     assert done.returncode == 0, done.stderr
     assert str(cache / "spa.tsv") in done.stdout and "1600 sentence pairs" in done.stdout
+
+
+def test_no_progress_bar_frames_without_a_terminal(env, run_dir):
+    """Written to a log file or a pipe, progress is plain lines, not a bar redrawn with carriage returns."""
+    code = ("from minitransformer.progress import progress_bar\nbar = progress_bar(total=3, unit='step')\n"
+            "for _ in range(3):\n    bar.update(1)\n    bar.set_postfix(loss='1.000')\nbar.close()")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    assert done.returncode == 0 and b"\r" not in done.stderr, done.stderr
+    assert b"3/3 step (100%)" in done.stderr and b"loss=1.000" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "minitransformer", "evaluate", "--checkpoint", str(run_dir),
+                           "--limit", "2", "--beam", "1"], cwd=ROOT, env=env, capture_output=True, timeout=120)
+    assert done.returncode == 0 and b"\r" not in done.stderr, done.stderr
+
+
+def test_evaluate_warns_about_another_data_file(cli, run_dir, tmp_path):
+    other = tmp_path / "other.tsv"
+    shutil.copy(SAMPLE, other)
+    done = cli("evaluate", "--checkpoint", run_dir, "--data", other, "--limit", "2", "--beam", "1", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    [warning] = warning_lines(done.stderr)
+    assert f"--data {other} is not the run's data file ({SAMPLE}" in warning
+    done = cli("evaluate", "--checkpoint", run_dir, "--data", SAMPLE, "--limit", "2", "--beam", "1", "--no-progress")
+    assert done.returncode == 0 and not warning_lines(done.stderr), done.stderr
 
 
 # ------------------------------------------------------------------ user mistakes: one line, no traceback
@@ -401,3 +576,42 @@ def test_ctrl_c_saves_and_explains_how_to_resume(env, tmp_path):
     assert "Traceback" not in stderr
     assert f"train --resume --out {out}" in stderr
     assert (out / "last.npz").is_file()
+
+
+def test_a_moved_data_file_asks_for_its_new_place(cli, run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["data"]["path"] = str(tmp_path / "moved-away.tsv")
+    (copy / "config.json").write_text(json.dumps(config))
+    for command in (["evaluate", "--checkpoint", copy, "--limit", "2"],
+                    ["train", "--resume", "--out", copy, "--steps", "12"]):
+        assert_user_error(cli(*command), "moved-away.tsv", "--data NEWPATH")
+    done = cli("evaluate", "--checkpoint", copy, "--data", SAMPLE, "--limit", "2", "--beam", "1", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    [warning] = warning_lines(done.stderr)
+    assert "stands in for the run's data file" in warning
+
+
+def test_messages_name_what_the_user_gave(cli, run_dir, tmp_path):
+    done = cli("train", "--steps", "abc")
+    assert done.returncode == 2 and "--steps: expected a positive integer, got abc" in done.stderr, done.stderr
+    assert "_positive_int" not in done.stderr
+    assert_user_error(cli("attention", "--checkpoint", run_dir, "", "--out", tmp_path / "a.png"),
+                      "attention: the text is empty")
+    assert_user_error(cli("translate", "--checkpoint", run_dir / "nope.npz", "Hi."),
+                      "nope.npz: no such checkpoint file", "last.npz")
+    for data in (tmp_path, "spanish"):
+        assert_user_error(cli("evaluate", "--checkpoint", run_dir, "--data", data), "corpus name", "spa (", "ukr (")
+        assert_user_error(cli("train", "--data", data, *FAST, "--out", tmp_path / "r"), "corpus name", "spa (")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a run\n")
+    done = cli("train", "--data", SAMPLE, *FAST, "--out", a_file)
+    assert_user_error(done, f"--out {a_file}: is a file")
+    assert "preparing" not in done.stdout                      # refused before any data preparation
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    del config["preset"]
+    (copy / "config.json").write_text(json.dumps(config))
+    assert_user_error(cli("train", "--resume", "--out", copy, "--steps", "12"), "config.json lacks \"preset\"")
