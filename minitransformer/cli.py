@@ -440,7 +440,7 @@ def cmd_train(args):
     try:
         trainer.run()
     except KeyboardInterrupt:
-        print(f"\n{_after_interrupt(out, trainer.step)}", file=sys.stderr, flush=True)
+        print(f"\n{_after_interrupt(out, trainer)}", file=sys.stderr, flush=True)
         return 130
     _say(f"trained {trainer.step} steps in {_fmt_minutes(trainer.elapsed)} "
          f"({60 * trainer.step / max(trainer.elapsed, 1e-9):.0f} steps/min overall)"
@@ -480,15 +480,16 @@ def _changed_settings(args, config, run_dir):
     return changed
 
 
-def _after_interrupt(out, step):
-    """What a stopped ``train`` says: where its state is saved, judged by the files (not by intent)."""
-    last = out / "last.npz"
+def _after_interrupt(out, trainer):
+    """What a stopped ``train`` says: ``last.npz`` if the trainer wrote it (``Trainer.saved``), else the
+    latest checkpoint the folder has."""
+    step, last = trainer.step, out / "last.npz"
+    if trainer.saved is not None:
+        return f"interrupted at step {step}; saved {trainer.saved}\ncontinue with:  {_PROG} train --resume --out {out}"
     try:
         found = run_checkpoints(out)
     except (ValueError, OSError):
         found = []
-    if found and found[-1] == (step, last):
-        return f"interrupted at step {step}; saved {last}\ncontinue with:  {_PROG} train --resume --out {out}"
     if found:
         saved_step, saved = found[-1]
         return (f"interrupted at step {step}; {last} was not saved at that step, the latest checkpoint is {saved} "
@@ -580,15 +581,6 @@ def _decode_device(args):
     return device
 
 
-def _source_limit(model, max_len_b=50):
-    """The most source tokens a translation may start from: the decoder writes up to ``S + max_len_b``
-    tokens after bos (§6.1; ``evaluate.translate``'s and ``greedy_decode``'s default lengths), all within
-    the model's positional table (``max_len``). None for a model without one."""
-    from .decode import positions_of
-    positions = positions_of(model)
-    return positions - max_len_b - 1 if positions else None
-
-
 def _warn_if_cut(tokenizer, texts, names, limit):
     """One warning for all ``texts`` longer than ``limit`` tokens, which ``translate`` cuts to their start."""
     if limit is None:
@@ -621,9 +613,9 @@ def _utf8_line(raw, n):
 
 
 def cmd_translate(args):
-    from .evaluate import translate
+    from .evaluate import source_limit, translate
     model, tokenizer, _, _ = load_run(args.checkpoint, _decode_device(args), announce=True)
-    limit = _source_limit(model)
+    limit = source_limit(model)
 
     def run(texts, names):
         texts = [t.strip() for t in texts]
@@ -672,14 +664,14 @@ def cmd_evaluate(args):
 
 
 def cmd_attention(args):
-    from .evaluate import attention_maps
+    from .evaluate import attention_maps, source_limit
     from .viz import plot_all_attention
     model, tokenizer, _, _ = load_run(args.checkpoint, _device(args.device), announce=True)
     N = model.config.num_layers
     if args.layers and not all(-N <= i < N for i in args.layers):
         raise UserError(f"--layers: the model has {N} layers (1 to {N}, or -1 to -{N} from the last)")
     text = _text_argument(args.text, "attention")
-    n, limit = len(tokenizer.encode(text)), _source_limit(model)
+    n, limit = len(tokenizer.encode(text)), source_limit(model)
     if n == 0:
         raise UserError("attention: the text is empty: give the sentence whose attention to plot as TEXT")
     if limit is not None and n > limit:

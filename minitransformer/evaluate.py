@@ -18,6 +18,14 @@ from .progress import progress_bar
 from .tensor import no_grad
 
 
+def source_limit(model, max_len_a=1.0, max_len_b=50):
+    """The most source tokens a translation may start from: the decoder writes up to
+    ``max_len_a · S + max_len_b`` tokens after bos (§6.1), all within the model's positional table
+    (``max_len``). None for a model without one."""
+    positions = positions_of(model)
+    return int((positions - max_len_b - 1) / max(max_len_a, 1.0)) if positions else None
+
+
 def translate(model, tokenizer, sentences, beam_size=4, alpha=0.6, batch_size=64, max_len_a=1.0, max_len_b=50,
               max_src_len=None, progress=False, cuda_graph=False):
     """Translate ``sentences`` (a list of str); returns one str per sentence, in the same order.
@@ -39,8 +47,8 @@ def translate(model, tokenizer, sentences, beam_size=4, alpha=0.6, batch_size=64
         raise ValueError(f"translate: batch_size must be >= 1, got {batch_size}")
     positions = positions_of(model)
     if max_src_len is None:
-        # the decoder may write up to max_len_a·S + max_len_b tokens after bos, all within the table
-        max_src_len = int((positions - max_len_b - 1) / max(max_len_a, 1.0)) if positions else 256
+        max_src_len = source_limit(model, max_len_a, max_len_b)
+        max_src_len = 256 if max_src_len is None else max_src_len
     ids = [tokenizer.encode(s)[:max_src_len] for s in sentences]
     order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: len(ids[i]))
     out = [""] * len(sentences)

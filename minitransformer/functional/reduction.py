@@ -1,6 +1,6 @@
 """Sums and means over axes. Backward: the gradient is copied back along the reduced axes
 (divided by the count for the mean). docs/backward.md#reductions."""
-from ..tensor import as_tensor, make_op
+from ..tensor import as_tensor, check_axis, make_op
 
 
 def _axes(x, axis, op):
@@ -8,9 +8,8 @@ def _axes(x, axis, op):
         return tuple(range(x.ndim))
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     for a in axes:
-        if not -x.ndim <= a < max(x.ndim, 1):
-            raise ValueError(f"{op}: axis {a} is out of range for a tensor of shape {x.shape}")
-    return tuple(a % max(x.ndim, 1) for a in axes)
+        check_axis(op, a, x)
+    return tuple(a % x.ndim for a in axes)
 
 
 def _spread(g, x, axes, keepdims):
