@@ -33,6 +33,7 @@ GPU. Not modelled: TF32, the GPU's summation order (results agree with a GPU's t
 concurrency between streams, the memory pool's reuse of blocks, and CuPy's refusal of
 ``np.asarray`` on a device array.
 """
+import collections
 import contextlib
 import ctypes
 import functools
@@ -455,6 +456,9 @@ def install(patch=setattr, patch_item=operator.setitem):
     # our own cuBLAS handle (captured products, OWN_HANDLE): the CPU stand-in, its calls recorded
     library = _RecordedLibrary(capture.bind(cublas_stand_in.load()))
     patch(capture, "_libcublas", lambda: library)
+    # handles made before the install belong to real CuPy streams (a GPU test in the same process,
+    # OWN_HANDLE on): their addresses can equal the stand-in's (the null stream's 0), so a fresh table
+    patch(kernels, "_own_blas", collections.OrderedDict())
     # CuPy's binding of cuBLAS (attention's eager strided-batched GEMMs on CuPy's handle): the same
     # C stand-in, whose functions take the arguments in cuBLAS's order, as CuPy's binding does
     cublas = types.ModuleType("cupy_backends.cuda.libs.cublas")
