@@ -492,3 +492,29 @@ def test_integer_tensors_mix_with_floats_as_in_pytorch(device):
     assert (ids / 2).dtype == np.float32
     np.testing.assert_allclose((ids / 2).numpy(), [0.5, 1.0, 1.5])
     assert (ids + 1).dtype == np.int64                         # integers stay integers
+
+
+@pytest.mark.parametrize("op", ["mul", "matmul", "linear", "add_broadcast"])
+def test_mixed_float_dtypes_keep_each_gradient_in_its_tensors_dtype(op, device, rng):
+    """float32 with float64 computes in float64 (NumPy's promotion, PyTorch's for elementwise ops),
+    but each gradient has its own tensor's dtype, as PyTorch's do: a float32 weight never gets a
+    float64 gradient that the optimizer would then carry around."""
+    from minitransformer import functional as F
+    a64 = rng.standard_normal((3, 4))
+    b64 = rng.standard_normal((5, 4)) if op == "linear" else rng.standard_normal((4, 2) if op == "matmul" else (4,))
+    fn = {"mul": lambda a, b: a * b, "matmul": lambda a, b: a @ b, "linear": F.linear,
+          "add_broadcast": lambda a, b: a + b}[op]
+    a = mt.tensor(a64, dtype="float64", requires_grad=True, device=device)
+    b = mt.tensor(b64, dtype="float32", requires_grad=True, device=device)
+    out = fn(a, b)
+    assert out.dtype == np.float64
+    g = rng.standard_normal(out.shape)
+    out.backward(g)
+    assert a.grad.dtype == np.float64 and b.grad.dtype == np.float32
+    ta = torch.tensor(a64, requires_grad=True)
+    tb = torch.tensor(b.numpy().astype(np.float64), requires_grad=True)   # the float32 values, in float64
+    tfn = {"mul": lambda a, b: a * b, "matmul": lambda a, b: a @ b,
+           "linear": torch.nn.functional.linear, "add_broadcast": lambda a, b: a + b}[op]
+    tfn(ta, tb).backward(torch.tensor(g))
+    np.testing.assert_allclose(mt.backend.to_numpy(a.grad), ta.grad.numpy(), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mt.backend.to_numpy(b.grad), tb.grad.numpy().astype(np.float32), rtol=1e-6)
