@@ -358,14 +358,15 @@ def cmd_train(args):
         if preset["d_model"] % preset["num_heads"]:
             raise UserError(f"{preset['num_heads']} heads do not divide d_model {preset['d_model']} "
                             f"(each head gets d_model / h dimensions, §3.2.2): choose --heads or --d-model to fit")
-        seed = args.seed
+        seed = 0 if args.seed is None else args.seed
+        split_seed = 0 if args.split_seed is None else args.split_seed
         data_path = _data_path(args.data, progress)
-        data_settings = dict(path=str(Path(data_path).resolve()), reverse=args.reverse, split_seed=args.split_seed,
+        data_settings = dict(path=str(Path(data_path).resolve()), reverse=args.reverse, split_seed=split_seed,
                              vocab_size=preset["vocab_size"], limit=args.limit, max_len=MAX_LEN, **SPLIT)
         _say(f"preparing {data_path} ({'target→source' if args.reverse else 'source→target'}, "
              f"a vocabulary of up to {preset['vocab_size']} pieces) …")
         corpus = prepare_corpus(data_path, reverse=args.reverse, vocab_size=preset["vocab_size"], max_len=MAX_LEN,
-                                seed=args.split_seed, limit=args.limit, progress=progress, **SPLIT)
+                                seed=split_seed, limit=args.limit, progress=progress, **SPLIT)
         tokenizer, splits, ids = corpus.tokenizer, corpus.splits, corpus.ids
         data_settings["vocab_size_actual"] = tokenizer.vocab_size
         backend.manual_seed(seed)
@@ -460,16 +461,20 @@ def cmd_train(args):
 def _changed_settings(args, config, run_dir):
     """The settings given with ``train --resume`` that differ from those the run was started with, as
     ``"--heads 2 (the run has 4)"``. A value equal to the stored one is no change: the original command
-    with ``--resume`` added is accepted."""
+    with ``--resume`` added is accepted. The seeds count too: --seed orders the batches of the epochs
+    still to come, and --split-seed decides which sentences are test data, so another one would score
+    the model on sentences it trained on."""
     preset = _stored(config, run_dir, "preset_settings")
     data, model, train = _stored(config, run_dir, "data"), config.get("model") or {}, config.get("train") or {}
     stored = {"preset": _stored(config, run_dir, "preset"), "limit": data.get("limit"),
               "reverse": bool(data.get("reverse")), **{key: preset.get(key) for key in RUN_SETTINGS},
               "label_smoothing": train.get("label_smoothing"), "norm_first": bool(model.get("norm_first")),
-              "positions": "learned" if model.get("learned_positions") else "sinusoidal"}
+              "positions": "learned" if model.get("learned_positions") else "sinusoidal",
+              "seed": _stored(config, run_dir, "seed"), "split_seed": data.get("split_seed", 0)}  # 0: as run_splits
     given = [("reverse", "--reverse", args.reverse or None),       # None: not given
              ("preset", "--preset", None if args.preset == "auto" else args.preset),
              ("limit", "--limit", args.limit),
+             ("seed", "--seed", args.seed), ("split_seed", "--split-seed", args.split_seed),
              *((key, flag, getattr(args, key)) for key, flag in RUN_SETTINGS.items())]
     changed = []
     for key, flag, value in given:
@@ -786,8 +791,10 @@ def build_parser():
     t.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="where to train (default auto: cuda if CuPy finds a GPU, else cpu)")
     t.add_argument("--out", help="run directory (default runs/<timestamp>)")
-    t.add_argument("--seed", type=int, default=0, help="parameter initialisation, dropout and batch order")
-    t.add_argument("--split-seed", type=int, default=0, help="which sentences go to valid/test (default 0)")
+    # no argparse default: None is "not given", so that --resume refuses only a seed the user passed;
+    # >= 0 because NumPy's generators take no negative seed (refused here, not after the data is prepared)
+    t.add_argument("--seed", type=_nonnegative_int, help="parameter initialisation, dropout and batch order (default 0)")
+    t.add_argument("--split-seed", type=_nonnegative_int, help="which sentences go to valid/test (default 0)")
     t.add_argument("--max-tokens", type=_positive_int, help="tokens per batch and side (default: the preset's)")
     t.add_argument("--vocab-size", type=_positive_int, help="BPE vocabulary size (default: the preset's)")
     t.add_argument("--warmup-steps", type=_positive_int, help="Noam warm-up steps (default: the preset's)")

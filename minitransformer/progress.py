@@ -40,7 +40,8 @@ def _in_jupyter():
 class LineProgress:
     """The part of tqdm's interface the package uses, written as plain lines: ``desc: 120/1500 step
     (8%), 0:48, 2.5 step/s, loss=3.210 …`` at most every ``every`` seconds, and once more on ``close``
-    (unless ``leave=False``). ``write`` prints to stdout, as ``tqdm.write`` does."""
+    (unless ``leave=False``); with ``disable=True``, no lines at all. ``write`` prints to stdout, as
+    ``tqdm.write`` does, but flushed (also when disabled), so a log file gets each line as it is written."""
 
     def __init__(self, total=None, initial=0, unit="it", desc=None, leave=True, disable=False, file=None,
                  unit_scale=False, every=LINE_EVERY_SECONDS, **_):

@@ -18,7 +18,7 @@ from . import backend
 from . import functional as F
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import Adam, NoamSchedule, clip_grad_norm
-from .progress import progress_bar
+from .progress import LineProgress, progress_bar
 from .tensor import no_grad
 
 
@@ -248,21 +248,10 @@ def _restore_signals(previous):
         signal.signal(s, handler)
 
 
-class _NoBar:
-    def set_postfix(self, *a, **k):
-        pass
-
-    def update(self, n=1):
-        pass
-
-    def write(self, s):
-        print(s, flush=True)
-
-    def close(self):
-        pass
-
-
 def _progress(total, initial, enabled):
+    """The run's progress bar. Without progress, a disabled ``LineProgress``: it draws nothing but still
+    prints what ``write`` is given (the validation lines) to stdout, flushed, where tqdm's own disabled
+    bar would leave them in stdout's buffer, late in a log file."""
     if not enabled:
-        return _NoBar()
+        return LineProgress(total=total or None, initial=initial, unit="step", disable=True)
     return progress_bar(total=total or None, initial=initial, unit="step", dynamic_ncols=True)

@@ -282,7 +282,8 @@ def test_resume_continues_a_run(cli, run_dir, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     (copy / "last.npz").unlink()                     # as after a crash: the newest interval checkpoint is used
-    done = cli("train", "--data", SAMPLE, *QUICK, "--steps", "10", "--out", copy, "--resume", "--test-limit", "2")
+    done = cli("train", "--data", SAMPLE, *QUICK, "--steps", "10", "--out", copy, "--resume", "--test-limit", "2",
+               "--seed", "0", "--split-seed", "0")          # the run's own seeds, given: no change
     assert done.returncode == 0, done.stderr
     assert "resuming" in done.stdout and "checkpoint-00000008.npz (step 8)" in done.stdout
     assert "training to step 10 (from step 8)" in done.stdout
@@ -421,6 +422,30 @@ def test_train_refuses_variations_that_do_not_fit(cli, tmp_path, run_dir):
     assert_user_error(cli("train", "--resume", "--out", copy, "--preset", "small", "--limit", "5", "--reverse"),
                       "--reverse (the run was started without it), --preset small (the run has tiny), "
                       "--limit 5 (the run has none) cannot change")
+
+
+def test_resume_refuses_another_seed_or_split_seed(cli, run_dir, tmp_path):
+    """The split seed decides which sentences are test data and the seed the order of the batches still to
+    come: --resume refuses other ones, naming the run's value, before preparing anything. Only seeds the user
+    gives count: without them the run's own are used, whatever they are (here 5, not the default 0)."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["seed"] = config["data"]["split_seed"] = 5
+    (copy / "config.json").write_text(json.dumps(config))
+    done = cli("train", "--resume", "--out", copy, "--seed", "0", "--split-seed", "6")
+    assert_user_error(done, "--seed 0 (the run has 5), --split-seed 6 (the run has 5) cannot change")
+    assert "resuming" not in done.stdout and "preparing" not in done.stdout
+    assert_user_error(cli("train", "--resume", "--out", copy, "--split-seed", "0"), "--split-seed 0 (the run has 5)")
+    # not given, or given as stored: accepted (refused only for the spent step budget, which is checked next)
+    for seeds in ([], ["--seed", "5", "--split-seed", "5"]):
+        assert_user_error(cli("train", "--resume", "--out", copy, "--steps", "8", *seeds), "already at step 8")
+
+
+def test_train_refuses_a_negative_seed_on_the_command_line(cli, tmp_path):
+    for flag in ("--seed", "--split-seed"):
+        done = cli("train", "--data", SAMPLE, *FAST, "--out", tmp_path / "r", flag, "-1")
+        assert done.returncode == 2 and f"argument {flag}: expected an integer >= 0, got -1" in done.stderr, done.stderr
 
 
 def test_the_table_3_benchmark_trains_each_row_with_its_change(env, tmp_path):

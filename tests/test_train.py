@@ -5,6 +5,7 @@ The resume and Ctrl-C tests run training in fresh Python processes (a script wri
 ``tmp_path``), so nothing can leak from one half of a run to the other except the checkpoint.
 Subprocesses use one BLAS thread: the same arithmetic in every process (and quick on a busy CPU).
 """
+import io
 import json
 import os
 import signal
@@ -380,6 +381,33 @@ def test_interval_checkpoints_keep_the_newest_and_validation_is_logged(tmp_path)
     _, info = read_checkpoint(tmp_path / "last.npz")
     assert info["meta"]["step"] == 12 and len(info["meta"]["history"]) == 3
     assert info["meta"]["train_config"]["keep_checkpoints"] == 2
+
+
+class _FlushRecorder(io.StringIO):
+    """A stdout that remembers what it held at its last flush: what a log file would show by then."""
+    flushed = ""
+
+    def flush(self):
+        self.flushed = self.getvalue()
+
+
+def test_without_progress_validation_lines_reach_stdout_as_they_come(monkeypatch, capsys):
+    """progress=False (``train --no-progress``): nothing on stderr, and each validation record is on
+    stdout, flushed, before the next evaluation starts (a log file is not left behind the run)."""
+    stdout, flushed_at_eval = _FlushRecorder(), []
+    monkeypatch.setattr(sys, "stdout", stdout)
+
+    def on_eval(trainer):
+        flushed_at_eval.append(stdout.flushed == stdout.getvalue())
+        return {"samples": [f"sample at {trainer.step}"]}
+    trainer = Trainer(tiny_model(), lambda e: reversal_batches((6, e), 5),
+                      TrainConfig(steps=8, warmup_steps=5, log_every=4, eval_every=4), on_eval=on_eval, progress=False)
+    trainer.run()
+    lines = stdout.getvalue().splitlines()
+    assert [line.split(" | ")[0] for line in lines[::2]] == ["step 4", "step 8"]
+    assert lines[1::2] == ["  sample at 4", "  sample at 8"]
+    assert flushed_at_eval == [True, True] and stdout.flushed == stdout.getvalue()
+    assert capsys.readouterr().err == ""
 
 
 # ---- (e) the GPU computes the same training run as the CPU ------------------------------------
