@@ -162,13 +162,15 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, strict=True):
         if stored is not None and stored != type(optimizer).__name__:
             raise ValueError(f"checkpoint {path} holds the state of an optimizer of type {stored}, "
                              f"but the optimizer given is a {type(optimizer).__name__}")
-    model.load_state_dict(state, strict=strict)
+    # the optimiser checks its buffers' shapes itself (strict=False can pass a model whose parameters
+    # differ from the stored ones), so it loads before the model's arrays are copied
     if optimizer is not None:
-        state = {k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")}
-        state.update(step_count=info["optimizer"]["step_count"], lr=info["optimizer"]["lr"])
-        optimizer.load_state_dict(state)
+        optimizer_state = {k[len("optimizer."):]: v for k, v in arrays.items() if k.startswith("optimizer.")}
+        optimizer_state.update(step_count=info["optimizer"]["step_count"], lr=info["optimizer"]["lr"])
+        optimizer.load_state_dict(optimizer_state)
     if schedule is not None and "schedule" in info:
         schedule.load_state_dict(info["schedule"])
+    model.load_state_dict(state, strict=strict)
     return info["meta"]
 
 

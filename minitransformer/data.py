@@ -31,18 +31,13 @@ import sentencepiece as spm
 
 from .checkpoint import atomic_write
 from .progress import progress_bar
+from .tensor import check_int
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
 class DataError(Exception):
     """A problem with the user's data or download; the message is one line, meant for the user."""
-
-
-def _check_int(op: str, name: str, value, minimum: int) -> None:
-    """Reject floats and bools as well: they would pass ``>=`` and fail later, far from the caller."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}")
 
 
 def _check_texts(op: str, texts, hint: str) -> list[str]:
@@ -204,7 +199,7 @@ def split_pairs(pairs: list[tuple[str, str]], valid_size: float | int = 0.02, te
             raise ValueError(f"split_pairs: a float {name} is a fraction of the distinct sources, in [0, 1), "
                              f"got {size}; give an int for a count")
         if not isinstance(size, float):
-            _check_int("split_pairs", name, size, 0)
+            check_int("split_pairs", name, size, 0)
     sources = list(dict.fromkeys(src for src, _ in pairs))
     n_test, n_valid = (round(s * len(sources)) if isinstance(s, float) else int(s) for s in (test_size, valid_size))
     if n_test + n_valid >= len(sources):
@@ -227,7 +222,7 @@ def filter_by_length(src_ids: list[list[int]], tgt_ids: list[list[int]], max_len
     """
     if len(src_ids) != len(tgt_ids):  # zip would silently drop the extra sentences
         raise ValueError(f"filter_by_length: {len(src_ids)} sources but {len(tgt_ids)} targets")
-    _check_int("filter_by_length", "max_len", max_len, 2)  # a target row is at least [bos, y0]
+    check_int("filter_by_length", "max_len", max_len, 2)  # a target row is at least [bos, y0]
     return [i for i, (x, y) in enumerate(zip(src_ids, tgt_ids)) if 0 < len(x) <= max_len and 0 < len(y) < max_len]
 
 
@@ -276,7 +271,7 @@ class Tokenizer:
             raise ValueError(f"Tokenizer.train: needs at least one non-empty text, got "
                              f"{f'{len(texts)} blank one(s)' if texts else 'none'}")
         # the ids 0-3 are pad/unk/bos/eos, and the texts need at least one piece of their own
-        _check_int("Tokenizer.train", "vocab_size", vocab_size, 5)
+        check_int("Tokenizer.train", "vocab_size", vocab_size, 5)
         settings = dict(vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
                         input_sentence_size=input_sentence_size, normalization_rule_name="identity",
                         pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_piece="<pad>",
@@ -437,7 +432,7 @@ def collate(src_ids: list[list[int]], tgt_ids: list[list[int]], indices=None, pa
         raise ValueError(f"collate: {len(src_ids)} sources but {len(tgt_ids)} targets")
     if len(src_ids) == 0:
         raise ValueError("collate: empty batch (no sentences)")
-    _check_int("collate", "pad_to_multiple", pad_to_multiple, 1)
+    check_int("collate", "pad_to_multiple", pad_to_multiple, 1)
     _check_no_empty_source("collate", src_ids)
     if indices is not None and np.shape(indices) != (len(src_ids),):
         raise ValueError(f"collate: indices must have shape ({len(src_ids)},), one per sentence, "
@@ -471,9 +466,9 @@ class TokenBatcher:
                  shuffle: bool = True, bucket_size: int = 8192, pad_to_multiple: int = 1):
         if len(src_ids) != len(tgt_ids):
             raise ValueError(f"TokenBatcher: {len(src_ids)} sources but {len(tgt_ids)} targets")
-        if max_tokens < 1 or bucket_size < 1 or pad_to_multiple < 1:
-            raise ValueError(f"TokenBatcher: max_tokens, bucket_size and pad_to_multiple must be >= 1, "
-                             f"got {max_tokens}, {bucket_size}, {pad_to_multiple}")
+        check_int("TokenBatcher", "max_tokens", max_tokens, 1)
+        check_int("TokenBatcher", "bucket_size", bucket_size, 1)
+        check_int("TokenBatcher", "pad_to_multiple", pad_to_multiple, 1)
         _check_no_empty_source("TokenBatcher", src_ids)  # here, not epochs later inside collate
         self.src_ids, self.tgt_ids = src_ids, tgt_ids
         self.max_tokens, self.seed, self.shuffle, self.pad_to_multiple = max_tokens, seed, shuffle, pad_to_multiple
@@ -536,7 +531,7 @@ def prepare_corpus(path: str | Path | None = None, reverse: bool = False, vocab_
     tokenizer sees the train split only, both sides, so valid/test stay unseen.
     """
     if limit is not None:
-        _check_int("prepare_corpus", "limit", limit, 1)  # a negative limit would slice off the end silently
+        check_int("prepare_corpus", "limit", limit, 1)  # a negative limit would slice off the end silently
     if path is None or (str(path) in CORPORA and not Path(path).exists()):
         path = fetch_corpus(str(path or "spa"), cache=cache, progress=progress)
     elif not Path(path).exists():

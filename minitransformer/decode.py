@@ -25,7 +25,7 @@ import numpy as np
 from . import backend, kernels
 from . import functional as F
 from .nn.transformer import batch_of_ids
-from .tensor import Tensor, no_grad
+from .tensor import Tensor, check_int, no_grad
 
 
 def positions_of(model):
@@ -38,12 +38,9 @@ def _length_limits(op, model, src_ids, bos_id, eos_id, max_len_a, max_len_b):
     """Host ``src_ids`` and each sentence's output limit ``max_len_a · source length + max_len_b``,
     at most the model's positions (``max_len``: bos and the tokens before the last take them all);
     the arguments every search takes, checked."""
-    vocab = getattr(model, "vocab_size", None)
+    check_int(op, "bos_id", bos_id, 0, getattr(model, "vocab_size", None))
     # eos may lie outside the vocabulary (it is then never emitted: every output runs to its limit)
-    for name, value, top in (("bos_id", bos_id, vocab), ("eos_id", eos_id, None)):
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0 \
-                or (top is not None and value >= top):
-            raise ValueError(f"{op}: {name} must be a token id (an int in [0, {top or '∞'})), got {value!r}")
+    check_int(op, "eos_id", eos_id, 0)
     src_ids = batch_of_ids(op, src_ids, "src_ids")
     src_ids = np.asarray(backend.to_numpy(src_ids))
     limits = (max_len_a * (src_ids != model.pad_id).sum(axis=1) + max_len_b).astype(int)
@@ -363,8 +360,7 @@ def beam_search(model, src_ids, bos_id, eos_id, beam_size=4, alpha=0.6, max_len_
     A fixed-size search is kept for the next batch of the same shape (the last ``KEEP_SEARCHES``
     shapes per model; ``release_searches`` frees them), which then reuses its buffers and graphs.
     """
-    if beam_size < 1:
-        raise ValueError(f"beam_search: beam_size must be >= 1, got {beam_size}")
+    check_int("beam_search", "beam_size", beam_size, 1)
     fixed_cache = fixed_cache or cuda_graph
     if fixed_cache and not use_cache:
         raise ValueError("beam_search: fixed_cache and cuda_graph need the key/value cache (use_cache=True)")

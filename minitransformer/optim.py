@@ -6,7 +6,7 @@ import numbers
 
 from . import backend, kernels
 from .nn.module import Module
-from .tensor import Tensor
+from .tensor import Tensor, check_int
 
 
 def _as_list(owner, params):
@@ -29,11 +29,6 @@ def _check_number(owner, name, value, ok, expected):
         raise TypeError(f"{owner}: {name} must be a real number, got {type(value).__name__}")
     if not (math.isfinite(value) and ok(value)):
         raise ValueError(f"{owner}: {name} must be {expected}, got {value}")
-
-
-def _check_positive_int(owner, name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
 class Optimizer:
@@ -70,16 +65,25 @@ class Optimizer:
         return state
 
     def load_state_dict(self, state):
-        self.step_count, self.lr = int(state["step_count"]), float(state["lr"])
-        for name, buffers in self._buffers().items():
+        """``state_dict()``'s values back. Every key, type and shape is checked before anything is
+        assigned: a load that fails leaves the optimizer as it was."""
+        op = f"{type(self).__name__}.load_state_dict"
+        buffers = self._buffers()
+        keys = ["step_count", "lr", *(f"{name}.{i}" for name in buffers for i in range(len(self.params)))]
+        missing = [key for key in keys if key not in state]
+        if missing:
+            raise KeyError(f"{op}: missing {', '.join(missing)}")
+        check_int(op, "step_count", state["step_count"], 0)
+        _check_number(op, "lr", state["lr"], lambda x: x >= 0, "a finite number >= 0")
+        for name in buffers:
             for i, p in enumerate(self.params):
-                key = f"{name}.{i}"
-                if key not in state:
-                    raise KeyError(f"{type(self).__name__}.load_state_dict: missing {key}")
-                if tuple(state[key].shape) != p.shape:
-                    raise ValueError(f"{type(self).__name__}.load_state_dict: {key} has shape "
-                                     f"{tuple(state[key].shape)}, expected {p.shape}")
-                buffers[i] = backend.to_device(state[key].astype(p.dtype), p.device)
+                shape = tuple(state[f"{name}.{i}"].shape)
+                if shape != p.shape:
+                    raise ValueError(f"{op}: {name}.{i} has shape {shape}, expected {p.shape}")
+        for name, arrays in buffers.items():
+            for i, p in enumerate(self.params):
+                arrays[i] = backend.to_device(state[f"{name}.{i}"].astype(p.dtype), p.device)
+        self.step_count, self.lr = int(state["step_count"]), float(state["lr"])
 
     def _buffers(self):
         return {}
@@ -192,8 +196,8 @@ class NoamSchedule:
         if not hasattr(optimizer, "lr"):     # step() writes the rate there
             raise TypeError("NoamSchedule: optimizer must be an optimizer with an `lr` attribute "
                             f"(e.g. optim.Adam(model.parameters())), got {type(optimizer).__name__}")
-        _check_positive_int("NoamSchedule", "d_model", d_model)       # d_model^-0.5 of a negative is complex
-        _check_positive_int("NoamSchedule", "warmup_steps", warmup_steps)
+        check_int("NoamSchedule", "d_model", d_model, 1)       # d_model^-0.5 of a negative is complex
+        check_int("NoamSchedule", "warmup_steps", warmup_steps, 1)
         _check_number("NoamSchedule", "factor", factor, lambda f: f >= 0, "a finite number >= 0")
         self.optimizer, self.d_model = optimizer, d_model
         self.warmup_steps, self.factor = warmup_steps, factor
@@ -212,6 +216,10 @@ class NoamSchedule:
         return {"step_count": self.step_count}
 
     def load_state_dict(self, state):
+        """Checked first: a load that fails leaves the schedule and the optimizer's rate as they were."""
+        if "step_count" not in state:
+            raise KeyError("NoamSchedule.load_state_dict: missing step_count")
+        check_int("NoamSchedule.load_state_dict", "step_count", state["step_count"], 0)
         self.step_count = int(state["step_count"])
         self.optimizer.lr = self.rate(self.step_count)
 

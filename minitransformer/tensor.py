@@ -428,6 +428,15 @@ def check_axis(op, axis, x):
         raise ValueError(f"{op}: axis {axis!r} is out of range for a tensor of shape {tuple(x.shape)}")
 
 
+def check_int(op, name, value, low, high=None):
+    """An int (NumPy's too) in ``[low, high)``, or a ValueError naming ``op``, ``name``, the range and
+    the value. Floats and bools are refused: they pass the comparison and fail later, far from the caller."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or value < low or (high is not None and value >= high):
+        expected = f">= {low}" if high is None else f"in [{low}, {high})"
+        raise ValueError(f"{op}: {name} must be an int {expected}, got {value!r}")
+
+
 def check_same_device(op, *tensors):
     """Ops never move data silently: inputs on two devices is the caller's mistake."""
     if len({type(t.data) for t in tensors if isinstance(t, Tensor)}) < 2:   # one array type: one device

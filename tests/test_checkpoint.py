@@ -165,8 +165,11 @@ def test_optimizer_for_other_parameters_is_rejected(tmp_path):
     model, optimizer, _ = trained()
     path = save_checkpoint(tmp_path / "c.npz", model, optimizer)
     other = Transformer(**{**SMALL, "num_layers": 1})
+    before, adam = other.state_dict(), Adam(other.parameters(), lr=0.5)
     with pytest.raises(ValueError, match=r"Adam\.load_state_dict: m\.\d+ has shape"):
-        load_checkpoint(path, other, Adam(other.parameters()), strict=False)
+        load_checkpoint(path, other, adam, strict=False)
+    assert_state_equal(before, other)        # refused before the shared parameters were copied
+    assert adam.lr == 0.5 and adam.step_count == 0
 
 
 def test_missing_path_is_file_not_found(tmp_path):

@@ -383,6 +383,14 @@ def test_budget_smaller_than_every_pair_gives_batches_of_one(dataset):
     assert len(batches) == 50 and all(b.B == 1 for b in batches)
 
 
+@pytest.mark.parametrize("name, bad", [("max_tokens", 0), ("bucket_size", 2.5), ("pad_to_multiple", True)])
+def test_batcher_sizes_must_be_positive_ints(dataset, name, bad):
+    src, tgt = dataset
+    with pytest.raises(ValueError, match=rf"TokenBatcher: {name} must be an int >= 1, got {bad}"):
+        data.TokenBatcher(src, tgt, **{"max_tokens": 500, name: bad})
+    assert len(data.TokenBatcher(src, tgt, **{"max_tokens": 500, name: np.int64(16)})) > 0   # NumPy ints are ints
+
+
 def test_batch_rows_shifted_and_padded(dataset):
     src, tgt = dataset
     for b in data.TokenBatcher(src, tgt, max_tokens=500).epoch(1):

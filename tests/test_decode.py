@@ -676,8 +676,13 @@ def test_searches_refuse_what_they_cannot_decode(src):
             search(model, [[]], BOS_ID, EOS_ID)
         with pytest.raises(ValueError, match=rf"{op}: src_ids .*different lengths"):
             search(model, [[5, 6], [7]], BOS_ID, EOS_ID)
-        for bad in (2.5, -1, VOCAB, None):
-            with pytest.raises(ValueError, match=rf"{op}: bos_id must be a token id .*{re.escape(repr(bad))}"):
+        for bad in (2.5, -1, VOCAB, None, True):
+            with pytest.raises(ValueError, match=rf"{op}: bos_id must be an int in \[0, {VOCAB}\), "
+                                                 rf"got {re.escape(repr(bad))}"):
                 search(model, src, bad, EOS_ID)
-        with pytest.raises(ValueError, match=rf"{op}: eos_id must be a token id"):
+        with pytest.raises(ValueError, match=rf"{op}: eos_id must be an int >= 0, got -3"):
             search(model, src, BOS_ID, -3)
+        search(model, src, np.int64(BOS_ID), np.int64(EOS_ID), max_len_b=1)   # NumPy ints are ids too
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match=rf"beam_search: beam_size must be an int >= 1, got {bad}"):
+            beam_search(model, src, BOS_ID, EOS_ID, beam_size=bad)

@@ -254,12 +254,15 @@ def test_noam_schedule_rejects_bad_warmup(rng):
 
 
 @pytest.mark.parametrize("d_model, warmup_steps, bad", [(-8, 4, "d_model"), (0, 4, "d_model"), (8.5, 4, "d_model"),
-                                                      (8, -4, "warmup_steps"), (8, 2.5, "warmup_steps")])
+                                                      (True, 4, "d_model"), (8, -4, "warmup_steps"),
+                                                      (8, 2.5, "warmup_steps")])
 def test_noam_schedule_rejects_non_positive_int_sizes(d_model, warmup_steps, bad, rng):
     """A negative d_model would make d_model^-0.5, and so the rate, complex."""
     opt = SGD(make_params(rng, "cpu", "float64")[0], lr=0.1)
-    with pytest.raises(ValueError, match=rf"NoamSchedule: {bad} must be a positive int"):
+    value = d_model if bad == "d_model" else warmup_steps
+    with pytest.raises(ValueError, match=rf"NoamSchedule: {bad} must be an int >= 1, got {value}"):
         NoamSchedule(opt, d_model, warmup_steps)
+    NoamSchedule(opt, np.int64(8), np.int64(4))        # NumPy ints are ints
 
 
 @pytest.mark.parametrize("factor", [-1.0, float("nan"), float("inf")])
@@ -272,6 +275,47 @@ def test_noam_schedule_rejects_bad_factor(factor, rng):
 def test_noam_schedule_needs_something_with_an_lr():
     with pytest.raises(TypeError, match=r"NoamSchedule: optimizer must be an optimizer with an `lr` attribute.*Linear"):
         NoamSchedule(mt.nn.Linear(3, 4), 8, 4)
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"v.2": np.zeros((7,))}, ValueError, r"Adam\.load_state_dict: v\.2 has shape \(7,\), expected \(2, 3, 2\)"),
+    ({"step_count": 2.5}, ValueError, r"Adam\.load_state_dict: step_count must be an int >= 0, got 2\.5"),
+    ({"step_count": True}, ValueError, r"step_count must be an int >= 0, got True"),
+    ({"lr": -1.0}, ValueError, r"Adam\.load_state_dict: lr must be a finite number >= 0, got -1\.0"),
+    ({"m.1": None}, KeyError, r"Adam\.load_state_dict: missing m\.1"),
+])
+def test_failed_load_state_dict_leaves_the_optimizer_unchanged(rng, change, error, match):
+    """Every check runs before anything is assigned: lr, step_count and every buffer stay as they were."""
+    source, target = Adam(make_params(rng, "cpu", "float64")[0], lr=0.5), Adam(make_params(rng, "cpu", "float64")[0])
+    for opt in (source, target):
+        for _ in range(2 if opt is source else 3):
+            for p in opt.params:
+                p.grad = rng.standard_normal(p.shape)
+            opt.step()
+    state = {k: v for k, v in {**source.state_dict(), **change}.items() if v is not None}
+    before = target.state_dict()
+    with pytest.raises(error, match=match):
+        target.load_state_dict(state)
+    after = target.state_dict()
+    assert (after["lr"], after["step_count"]) == (before["lr"], before["step_count"]) == (1e-3, 3)
+    for key in before.keys() - {"lr", "step_count"}:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
+    assert not np.array_equal(before["m.0"], source.state_dict()["m.0"])   # a load would have shown
+
+
+@pytest.mark.parametrize("step_count", [-1, 2.5, "7", None])
+def test_failed_schedule_load_leaves_schedule_and_rate_unchanged(rng, step_count):
+    opt = Adam(make_params(rng, "cpu", "float64")[0])
+    schedule = NoamSchedule(opt, 64, warmup_steps=5)
+    for _ in range(3):
+        schedule.step()
+    lr = opt.lr
+    state = {} if step_count is None else {"step_count": step_count}
+    error, match = (KeyError, "missing step_count") if step_count is None else \
+        (ValueError, rf"NoamSchedule\.load_state_dict: step_count must be an int >= 0, got {step_count!r}")
+    with pytest.raises(error, match=match):
+        schedule.load_state_dict(state)
+    assert schedule.step_count == 3 and opt.lr == lr
 
 
 def test_noam_schedule_state_round_trip(rng):
