@@ -17,6 +17,8 @@ a step of a small model is well over a hundred launches of tiny kernels (counted
 that removes their host cost. The replayed search reads its "all done?" flag one step late, so the
 next step is queued before the host waits (H200 figures: docs/results.md).
 """
+import math
+import numbers
 import weakref
 from collections import OrderedDict
 
@@ -41,6 +43,10 @@ def _length_limits(op, model, src_ids, bos_id, eos_id, max_len_a, max_len_b):
     check_int(op, "bos_id", bos_id, 0, getattr(model, "vocab_size", None))
     # eos may lie outside the vocabulary (it is then never emitted: every output runs to its limit)
     check_int(op, "eos_id", eos_id, 0)
+    if isinstance(max_len_a, bool) or not isinstance(max_len_a, numbers.Real) or not 0 <= max_len_a < math.inf:
+        raise ValueError(f"{op}: max_len_a must be a finite number >= 0, got {max_len_a!r}")
+    if isinstance(max_len_b, bool) or not isinstance(max_len_b, (int, np.integer)):   # may be negative
+        raise ValueError(f"{op}: max_len_b must be an int, got {max_len_b!r}")
     src_ids = batch_of_ids(op, src_ids, "src_ids")
     src_ids = np.asarray(backend.to_numpy(src_ids))
     limits = (max_len_a * (src_ids != model.pad_id).sum(axis=1) + max_len_b).astype(int)

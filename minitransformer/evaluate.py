@@ -15,7 +15,7 @@ import numpy as np
 from . import backend
 from .decode import beam_search, greedy_decode, positions_of
 from .progress import progress_bar
-from .tensor import no_grad
+from .tensor import check_int, no_grad
 
 
 def source_limit(model, max_len_a=1.0, max_len_b=50):
@@ -41,10 +41,8 @@ def translate(model, tokenizer, sentences, beam_size=4, alpha=0.6, batch_size=64
     one width replay the graphs a kept search recorded.
     """
     sentences = [str(s) for s in sentences]
-    if beam_size < 1:
-        raise ValueError(f"translate: beam_size must be >= 1, got {beam_size}")
-    if batch_size < 1:
-        raise ValueError(f"translate: batch_size must be >= 1, got {batch_size}")
+    check_int("translate", "beam_size", beam_size, 1)
+    check_int("translate", "batch_size", batch_size, 1)
     positions = positions_of(model)
     if max_src_len is None:
         max_src_len = source_limit(model, max_len_a, max_len_b)

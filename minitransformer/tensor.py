@@ -424,7 +424,7 @@ def make_op(data, parents, backward, op):
 
 def check_axis(op, axis, x):
     """One axis of ``x`` (negative counts from the end), or a clear error naming ``op``."""
-    if not isinstance(axis, (int, np.integer)) or not -x.ndim <= axis < x.ndim:
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -x.ndim <= axis < x.ndim:
         raise ValueError(f"{op}: axis {axis!r} is out of range for a tensor of shape {tuple(x.shape)}")
 
 

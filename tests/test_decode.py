@@ -683,6 +683,12 @@ def test_searches_refuse_what_they_cannot_decode(src):
         with pytest.raises(ValueError, match=rf"{op}: eos_id must be an int >= 0, got -3"):
             search(model, src, BOS_ID, -3)
         search(model, src, np.int64(BOS_ID), np.int64(EOS_ID), max_len_b=1)   # NumPy ints are ids too
+        for bad in (-0.5, float("inf"), float("nan"), None, True):
+            with pytest.raises(ValueError, match=rf"{op}: max_len_a must be a finite number >= 0"):
+                search(model, src, BOS_ID, EOS_ID, max_len_a=bad)
+        for bad in (2.5, None, True):       # negative is fine: a · length + b, as the benchmark uses it
+            with pytest.raises(ValueError, match=rf"{op}: max_len_b must be an int, got {bad}"):
+                search(model, src, BOS_ID, EOS_ID, max_len_b=bad)
     for bad in (0, 2.5):
         with pytest.raises(ValueError, match=rf"beam_search: beam_size must be an int >= 1, got {bad}"):
             beam_search(model, src, BOS_ID, EOS_ID, beam_size=bad)

@@ -73,6 +73,9 @@ def test_translate_rejects_bad_settings(model, tok):
         evaluate.translate(model, tok, ["Hi."], beam_size=0)
     with pytest.raises(ValueError, match="batch_size"):
         evaluate.translate(model, tok, ["Hi."], batch_size=0)
+    for name, bad in (("beam_size", 2.5), ("batch_size", 1.5), ("batch_size", True)):   # not counts
+        with pytest.raises(ValueError, match=rf"translate: {name} must be an int >= 1, got {bad}"):
+            evaluate.translate(model, tok, ["Hi."], **{name: bad})
 
 
 def test_score_of_references_against_themselves_is_100(pairs):

@@ -885,6 +885,8 @@ def test_axes_out_of_range_and_scalars(device, randn):
         F.concat([x, x], axis=2)
     with raises(ValueError, "split", "axis -3", "(2, 3)"):
         F.split(x, 1, axis=-3)
+    with raises(ValueError, "softmax", "axis True"):          # a bool is not an axis (True == 1)
+        F.softmax(x, axis=True)
     with raises(ValueError, "concat", "scalars"):
         F.concat([randn(), randn()])
     with raises(ValueError, "layer_norm", "scalar"):
