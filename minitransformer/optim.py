@@ -215,11 +215,16 @@ class NoamSchedule:
     def state_dict(self):
         return {"step_count": self.step_count}
 
+    @staticmethod
+    def check_state_dict(state):
+        """What ``load_state_dict`` checks, alone: ``load_checkpoint`` asks before it loads anything."""
+        if not isinstance(state, dict) or "step_count" not in state:
+            raise KeyError(f"NoamSchedule.load_state_dict: missing step_count in {state!r}")
+        check_int("NoamSchedule.load_state_dict", "step_count", state["step_count"], 0)
+
     def load_state_dict(self, state):
         """Checked first: a load that fails leaves the schedule and the optimizer's rate as they were."""
-        if "step_count" not in state:
-            raise KeyError("NoamSchedule.load_state_dict: missing step_count")
-        check_int("NoamSchedule.load_state_dict", "step_count", state["step_count"], 0)
+        self.check_state_dict(state)
         self.step_count = int(state["step_count"])
         self.optimizer.lr = self.rate(self.step_count)
 

@@ -499,3 +499,25 @@ def test_unstorable_meta_is_a_type_error_naming_the_key_and_writes_nothing(tmp_p
         save_checkpoint(tmp_path / "new.npz", model, meta=bad)
     assert path.read_bytes() == before and load_checkpoint(path, model) == {"version": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]     # no new file, no temporary one
+
+
+def test_a_bad_schedule_state_changes_neither_model_nor_optimizer(tmp_path):
+    """The schedule's state is checked before the optimiser loads, as the optimiser's is before the
+    model's arrays are copied: a load that fails anywhere leaves all three as they were."""
+    model, optimizer, schedule = trained()
+    path = save_checkpoint(tmp_path / "c.npz", model, optimizer, schedule)
+    arrays = dict(np.load(path, allow_pickle=False))
+    info = json.loads(str(arrays["__meta__"]))
+    info["schedule"] = {"step_count": -2}
+    arrays["__meta__"] = np.array(json.dumps(info))
+    bad = tmp_path / "bad-schedule.npz"
+    np.savez(bad, **arrays)
+    fresh = Transformer(**SMALL)
+    before = fresh.state_dict()
+    adam = Adam(fresh.parameters(), lr=0.5)
+    noam = NoamSchedule(adam, fresh.d_model, warmup_steps=10)
+    with pytest.raises(ValueError, match=r"NoamSchedule.load_state_dict: step_count must be an int >= 0, got -2"):
+        load_checkpoint(bad, fresh, adam, noam)
+    assert_state_equal(before, fresh)
+    assert adam.step_count == 0 and adam.lr == 0.5 and noam.step_count == 0
+    assert all(not m.any() for m in adam.m)
