@@ -163,7 +163,9 @@ def load_checkpoint(path, model, optimizer=None, schedule=None, strict=True):
             raise ValueError(f"checkpoint {path} holds the state of an optimizer of type {stored}, "
                              f"but the optimizer given is a {type(optimizer).__name__}")
     if schedule is not None and "schedule" in info:
-        type(schedule).check_state_dict(info["schedule"])     # before the optimiser changes
+        check = getattr(schedule, "check_state_dict", None)   # a schedule of another kind may lack it
+        if check is not None:
+            check(info["schedule"])                           # before the optimiser changes
     # the optimiser checks its buffers' shapes itself (strict=False can pass a model whose parameters
     # differ from the stored ones), so it loads before the model's arrays are copied
     if optimizer is not None:

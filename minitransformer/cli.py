@@ -792,9 +792,11 @@ def build_parser():
                    help="where to train (default auto: cuda if CuPy finds a GPU, else cpu)")
     t.add_argument("--out", help="run directory (default runs/<timestamp>)")
     # no argparse default: None is "not given", so that --resume refuses only a seed the user passed;
-    # >= 0 because NumPy's generators take no negative seed (refused here, not after the data is prepared)
-    t.add_argument("--seed", type=_nonnegative_int, help="parameter initialisation, dropout and batch order (default 0)")
-    t.add_argument("--split-seed", type=_nonnegative_int, help="which sentences go to valid/test (default 0)")
+    # --seed >= 0 because NumPy's generators take no negative seed (refused here, not after the data is
+    # prepared); the split seed only goes into a hash, so any int splits
+    t.add_argument("--seed", type=_nonnegative_int,
+                   help="parameter initialisation, dropout and batch order (default 0; with --resume, the run's)")
+    t.add_argument("--split-seed", type=int, help="which sentences go to valid/test (default 0; with --resume, the run's)")
     t.add_argument("--max-tokens", type=_positive_int, help="tokens per batch and side (default: the preset's)")
     t.add_argument("--vocab-size", type=_positive_int, help="BPE vocabulary size (default: the preset's)")
     t.add_argument("--warmup-steps", type=_positive_int, help="Noam warm-up steps (default: the preset's)")

@@ -36,6 +36,15 @@ def positions_of(model):
     return getattr(getattr(model, "config", None), "max_len", None)
 
 
+def check_length_limits(op, max_len_a, max_len_b):
+    """``max_len_a · source length + max_len_b``'s numbers: a finite ``a >= 0`` and an int ``b`` (which
+    may be negative: ``benchmarks/decode.py`` asks for exactly 50 tokens after 20-token sources)."""
+    if isinstance(max_len_a, bool) or not isinstance(max_len_a, numbers.Real) or not 0 <= max_len_a < math.inf:
+        raise ValueError(f"{op}: max_len_a must be a finite number >= 0, got {max_len_a!r}")
+    if isinstance(max_len_b, bool) or not isinstance(max_len_b, (int, np.integer)):
+        raise ValueError(f"{op}: max_len_b must be an int, got {max_len_b!r}")
+
+
 def _length_limits(op, model, src_ids, bos_id, eos_id, max_len_a, max_len_b):
     """Host ``src_ids`` and each sentence's output limit ``max_len_a · source length + max_len_b``,
     at most the model's positions (``max_len``: bos and the tokens before the last take them all);
@@ -43,10 +52,7 @@ def _length_limits(op, model, src_ids, bos_id, eos_id, max_len_a, max_len_b):
     check_int(op, "bos_id", bos_id, 0, getattr(model, "vocab_size", None))
     # eos may lie outside the vocabulary (it is then never emitted: every output runs to its limit)
     check_int(op, "eos_id", eos_id, 0)
-    if isinstance(max_len_a, bool) or not isinstance(max_len_a, numbers.Real) or not 0 <= max_len_a < math.inf:
-        raise ValueError(f"{op}: max_len_a must be a finite number >= 0, got {max_len_a!r}")
-    if isinstance(max_len_b, bool) or not isinstance(max_len_b, (int, np.integer)):   # may be negative
-        raise ValueError(f"{op}: max_len_b must be an int, got {max_len_b!r}")
+    check_length_limits(op, max_len_a, max_len_b)
     src_ids = batch_of_ids(op, src_ids, "src_ids")
     src_ids = np.asarray(backend.to_numpy(src_ids))
     limits = (max_len_a * (src_ids != model.pad_id).sum(axis=1) + max_len_b).astype(int)

@@ -13,7 +13,7 @@ on newstest2014; we report it on a held-out Tatoeba split).
 import numpy as np
 
 from . import backend
-from .decode import beam_search, greedy_decode, positions_of
+from .decode import beam_search, check_length_limits, greedy_decode, positions_of
 from .progress import progress_bar
 from .tensor import check_int, no_grad
 
@@ -43,6 +43,7 @@ def translate(model, tokenizer, sentences, beam_size=4, alpha=0.6, batch_size=64
     sentences = [str(s) for s in sentences]
     check_int("translate", "beam_size", beam_size, 1)
     check_int("translate", "batch_size", batch_size, 1)
+    check_length_limits("translate", max_len_a, max_len_b)     # before source_limit computes with them
     positions = positions_of(model)
     if max_src_len is None:
         max_src_len = source_limit(model, max_len_a, max_len_b)

@@ -3,6 +3,7 @@ schedule ``lrate = d_model^-0.5 · min(step^-0.5, step · warmup_steps^-1.5)``; 
 gradient-norm clipping. Updates happen in place on ``Parameter.data`` and build no graph."""
 import math
 import numbers
+from collections.abc import Mapping
 
 from . import backend, kernels
 from .nn.module import Module
@@ -21,6 +22,11 @@ def _as_list(owner, params):
         return list(params)
     except TypeError:
         raise TypeError(f"{expected}, got {type(params).__name__}") from None
+
+
+def _scalar(value):
+    """A 0-d array (a state dict through ``np.savez`` and ``np.load``) as the Python number it holds."""
+    return value.item() if getattr(value, "ndim", None) == 0 else value
 
 
 def _check_number(owner, name, value, ok, expected):
@@ -71,10 +77,12 @@ class Optimizer:
         buffers = self._buffers()
         keys = ["step_count", "lr", *(f"{name}.{i}" for name in buffers for i in range(len(self.params)))]
         missing = [key for key in keys if key not in state]
-        if missing:
-            raise KeyError(f"{op}: missing {', '.join(missing)}")
-        check_int(op, "step_count", state["step_count"], 0)
-        _check_number(op, "lr", state["lr"], lambda x: x >= 0, "a finite number >= 0")
+        if missing:    # an optimizer over another model misses hundreds: the first few say enough
+            raise KeyError(f"{op}: missing {', '.join(missing[:4])}"
+                           + (f", … ({len(missing)} keys)" if len(missing) > 4 else ""))
+        step_count, lr = _scalar(state["step_count"]), _scalar(state["lr"])
+        check_int(op, "step_count", step_count, 0)
+        _check_number(op, "lr", lr, lambda x: x >= 0, "a finite number >= 0")
         for name in buffers:
             for i, p in enumerate(self.params):
                 shape = tuple(state[f"{name}.{i}"].shape)
@@ -83,7 +91,7 @@ class Optimizer:
         for name, arrays in buffers.items():
             for i, p in enumerate(self.params):
                 arrays[i] = backend.to_device(state[f"{name}.{i}"].astype(p.dtype), p.device)
-        self.step_count, self.lr = int(state["step_count"]), float(state["lr"])
+        self.step_count, self.lr = int(step_count), float(lr)
 
     def _buffers(self):
         return {}
@@ -215,17 +223,19 @@ class NoamSchedule:
     def state_dict(self):
         return {"step_count": self.step_count}
 
-    @staticmethod
-    def check_state_dict(state):
+    def check_state_dict(self, state):
         """What ``load_state_dict`` checks, alone: ``load_checkpoint`` asks before it loads anything."""
-        if not isinstance(state, dict) or "step_count" not in state:
-            raise KeyError(f"NoamSchedule.load_state_dict: missing step_count in {state!r}")
-        check_int("NoamSchedule.load_state_dict", "step_count", state["step_count"], 0)
+        op = "NoamSchedule.load_state_dict"
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{op}: state must be a mapping like state_dict()'s, got {type(state).__name__}")
+        if "step_count" not in state:
+            raise KeyError(f"{op}: missing step_count")
+        check_int(op, "step_count", _scalar(state["step_count"]), 0)
 
     def load_state_dict(self, state):
         """Checked first: a load that fails leaves the schedule and the optimizer's rate as they were."""
         self.check_state_dict(state)
-        self.step_count = int(state["step_count"])
+        self.step_count = int(_scalar(state["step_count"]))
         self.optimizer.lr = self.rate(self.step_count)
 
 

@@ -180,11 +180,12 @@ class Tensor:
                 if parent_grad is None or not parent.requires_grad:
                     continue
                 key = id(parent)
-                if type(parent_grad) is not Part and parent_grad.dtype != parent.dtype:
+                is_part = type(parent_grad) is Part
+                if not is_part and parent_grad.dtype != parent.dtype:
                     # a float32 tensor mixed with a float64 one: its gradient stays float32, as in
                     # PyTorch (a Part is added into an array of the parent's dtype anyway)
                     parent_grad = parent_grad.astype(parent.dtype)
-                if type(parent_grad) is Part:
+                if is_part:
                     if key not in owned:   # one zero-filled gradient of the whole parent, shared by its parts
                         # not xp.zeros: NumPy's calloc hands out fresh pages that fault on first
                         # touch every time (it doubled attention's backward on the CPU)

@@ -76,6 +76,9 @@ def test_translate_rejects_bad_settings(model, tok):
     for name, bad in (("beam_size", 2.5), ("batch_size", 1.5), ("batch_size", True)):   # not counts
         with pytest.raises(ValueError, match=rf"translate: {name} must be an int >= 1, got {bad}"):
             evaluate.translate(model, tok, ["Hi."], **{name: bad})
+    for name, bad in (("max_len_a", float("nan")), ("max_len_a", None), ("max_len_b", None), ("max_len_b", 1.5)):
+        with pytest.raises(ValueError, match=rf"translate: {name} must be"):    # not a NumPy or Python error
+            evaluate.translate(model, tok, ["Hi."], **{name: bad})
 
 
 def test_score_of_references_against_themselves_is_100(pairs):

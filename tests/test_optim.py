@@ -445,3 +445,38 @@ def test_load_state_dict_checks_keys_and_shapes(rng):
     wrong = dict(state, **{"m.0": np.zeros((7,))})
     with pytest.raises(ValueError, match=r"m\.0.*\(7,\).*\(4, 3\)"):
         Adam(ours).load_state_dict(wrong)
+
+
+def test_state_dicts_through_np_savez_load_back(rng, tmp_path):
+    """np.savez and np.load turn step_count and lr into 0-d arrays: they are the numbers they hold."""
+    opt = Adam(make_params(rng, "cpu", "float64")[0], lr=0.25)
+    schedule = NoamSchedule(opt, 64, warmup_steps=5)
+    for _ in range(3):
+        for p in opt.params:
+            p.grad = rng.standard_normal(p.shape)
+        opt.step()
+        schedule.step()
+    np.savez(tmp_path / "opt.npz", **opt.state_dict())
+    np.savez(tmp_path / "schedule.npz", **schedule.state_dict())
+    opt2 = Adam(make_params(rng, "cpu", "float64")[0])
+    schedule2 = NoamSchedule(opt2, 64, warmup_steps=5)
+    opt2.load_state_dict(dict(np.load(tmp_path / "opt.npz")))
+    schedule2.load_state_dict(dict(np.load(tmp_path / "schedule.npz")))
+    assert type(opt2.step_count) is int and type(opt2.lr) is float
+    assert (opt2.step_count, schedule2.step_count, opt2.lr) == (3, 3, opt.lr)
+    for a, b in zip(opt.m + opt.v, opt2.m + opt2.v):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_load_missing_many_buffers_names_a_few_and_counts_them(rng):
+    ours, _ = make_params(rng, "cpu", "float64")
+    state = {k: v for k, v in Adam(ours).state_dict().items() if not k.startswith(("m.", "v."))}
+    with pytest.raises(KeyError, match=rf"Adam\.load_state_dict: missing m\.0, m\.1, m\.2, v\.0, … "
+                                       rf"\({2 * len(ours)} keys\)"):
+        Adam(ours).load_state_dict(state)
+
+
+def test_schedule_state_must_be_a_mapping(rng):
+    schedule = NoamSchedule(Adam(make_params(rng, "cpu", "float64")[0]), 64, warmup_steps=5)
+    with pytest.raises(TypeError, match="NoamSchedule.load_state_dict: state must be a mapping.*got int"):
+        schedule.load_state_dict(5)

@@ -500,8 +500,9 @@ def test_mixed_float_dtypes_keep_each_gradient_in_its_tensors_dtype(op, device, 
     but each gradient has its own tensor's dtype, as PyTorch's do: a float32 weight never gets a
     float64 gradient that the optimizer would then carry around."""
     from minitransformer import functional as F
-    a64 = rng.standard_normal((3, 4))
-    b64 = rng.standard_normal((5, 4)) if op == "linear" else rng.standard_normal((4, 2) if op == "matmul" else (4,))
+    n, d, m = (int(k) for k in rng.integers(1, 7, size=3))
+    a64 = rng.standard_normal((n, d))
+    b64 = rng.standard_normal({"linear": (m, d), "matmul": (d, m)}.get(op, (d,)))
     fn = {"mul": lambda a, b: a * b, "matmul": lambda a, b: a @ b, "linear": F.linear,
           "add_broadcast": lambda a, b: a + b}[op]
     a = mt.tensor(a64, dtype="float64", requires_grad=True, device=device)
