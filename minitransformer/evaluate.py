@@ -104,7 +104,8 @@ def bleu(model, tokenizer, pairs, beam_size=4, alpha=0.6, batch_size=64, num_sam
     """
     pairs = list(pairs)
     if not pairs:
-        raise ValueError("bleu: no sentence pairs to translate")
+        raise ValueError("bleu: no sentence pairs to translate; if they are an empty split (too little data to hold "
+                         "any out), score another one (evaluate --split valid or --split train) or train on more data")
     hyps = translate(model, tokenizer, [s for s, _ in pairs], beam_size, alpha, batch_size, progress=progress,
                      cuda_graph=cuda_graph)
     result = score(hyps, [r for _, r in pairs])

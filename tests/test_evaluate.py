@@ -109,6 +109,11 @@ def test_bleu_with_a_perfect_translator(model, tok, pairs, monkeypatch):
     assert len(evaluate.bleu(model, tok, subset, num_samples=5)["samples"]) == 5
 
 
+def test_bleu_of_no_pairs_says_what_to_do(model, tok):
+    with pytest.raises(ValueError, match=r"bleu: no sentence pairs.*--split valid or --split train\) or train on more"):
+        evaluate.bleu(model, tok, [])
+
+
 def test_bleu_runs_the_model(model, tok, pairs):
     result = evaluate.bleu(model, tok, pairs[:5], beam_size=2, num_samples=1)
     assert 0.0 <= result["bleu"] <= 100.0 and result["n"] == 5 and len(result["samples"]) == 1
