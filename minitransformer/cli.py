@@ -228,6 +228,13 @@ def _same_file(a, b):
     return a.resolve() == b.resolve()
 
 
+def _intervals(steps, device):
+    """``(eval_every, checkpoint_every)`` a run picks itself: five validations and twenty checkpoints over
+    a step budget (the last five close together, for averaging, §6.1); fixed ones for a time budget."""
+    return (max(steps // 5, 1) if steps else 250,
+            max(steps // 20, 1) if steps else CHECKPOINT_EVERY[device])
+
+
 def run_splits(settings, data=None, progress=False, same_corpus=False):
     """Re-derive train/valid/test from the data settings stored in config.json (same seed, same
     sizes, same limit), optionally from another copy of the file (``data``, which is warned about
@@ -331,7 +338,13 @@ def cmd_train(args):
             _stored(config, out, "train")
         tcfg = TrainConfig(**{**stored_train, "betas": tuple(stored_train["betas"])})
         if args.steps is not None or args.minutes is not None:   # a new total budget
+            # intervals the run chose itself (5 % and 20 % of a 60-step trial: every 3 and 12 steps) follow
+            # the new budget; ones given to the run's first command stay
+            automatic = _intervals(tcfg.steps, config.get("device", device))
             tcfg.steps, tcfg.minutes = args.steps or 0, args.minutes or 0.0
+            for key, old, new in zip(("eval_every", "checkpoint_every"), automatic, _intervals(tcfg.steps, device)):
+                if getattr(tcfg, key) == old:
+                    setattr(tcfg, key, new)
         tcfg.cuda_graph = tcfg.cuda_graph or args.cuda_graph
         checkpoints = run_checkpoints(out)
         if not checkpoints:
@@ -398,10 +411,11 @@ def cmd_train(args):
         left = DEFAULT_TOTAL_MINUTES[device] * 60 - (time.perf_counter() - started)
         tcfg.minutes = round(max(left / 60 - EVAL_RESERVE_MINUTES[device], 0.5), 2)
     if not args.resume:
+        eval_every, checkpoint_every = _intervals(tcfg.steps, device)
         if args.eval_every is None:
-            tcfg.eval_every = max(tcfg.steps // 5, 1) if tcfg.steps else 250
+            tcfg.eval_every = eval_every
         if args.checkpoint_every is None:
-            tcfg.checkpoint_every = max(tcfg.steps // 20, 1) if tcfg.steps else CHECKPOINT_EVERY[device]
+            tcfg.checkpoint_every = checkpoint_every
 
     n_train = len(ids["train"][0])
     if n_train == 0:
@@ -423,6 +437,8 @@ def cmd_train(args):
                   "data": data_settings, "train": asdict(tcfg), "seed": seed, "device": device, "tf32": args.tf32,
                   "command": " ".join([_PROG, *sys.argv[1:]]), "created": datetime.now().isoformat(timespec="seconds")}
         write_json(out / "config.json", config)
+    elif json.loads(json.dumps(asdict(tcfg))) != config["train"]:   # a new budget: the next --resume starts from it
+        write_json(out / "config.json", {**config, "train": asdict(tcfg)})
 
     trainer = Trainer(model, lambda e: list(train_batches.epoch(e)), tcfg, out_dir=out, valid_batches=valid_batches,
                       on_eval=on_eval, progress=progress)

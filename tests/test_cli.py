@@ -5,6 +5,7 @@ and resume then use it. User mistakes must end in one ``minitransformer: error: 
 stderr and a non-zero exit, never a traceback.
 """
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -289,6 +290,25 @@ def test_resume_continues_a_run(cli, run_dir, tmp_path):
     assert "training to step 10 (from step 8)" in done.stdout
     assert "trained 10 steps" in done.stdout
     assert (copy / "checkpoint-00000010.npz").is_file() or (copy / "last.npz").is_file()
+
+
+def test_a_resumed_budget_moves_the_intervals_the_run_chose_itself(cli, tmp_path):
+    """A 10-step trial validates every 2 steps and checkpoints every step (a fifth, a twentieth); resumed
+    to 40 steps it validates every 8 and checkpoints every 2, as a 40-step run would. Intervals given
+    to the first command stay, and config.json records the new budget for the next --resume."""
+    base = QUICK[:6] + QUICK[10:]
+    assert "--eval-every" not in base and "--checkpoint-every" not in base and "--test-limit" in base
+    auto, given = tmp_path / "auto", tmp_path / "given"
+    for out, extra in ((auto, []), (given, ["--eval-every", "3"])):
+        assert cli("train", "--data", SAMPLE, *base, *extra, "--steps", "10", "--out", out).returncode == 0
+        done = cli("train", "--resume", "--out", out, "--steps", "40", "--no-progress")
+        assert done.returncode == 0, done.stderr
+        train = json.loads((out / "config.json").read_text())["train"]
+        assert train["steps"] == 40 and train["checkpoint_every"] == 2
+        assert train["eval_every"] == (8 if out == auto else 3)
+        evaluated = [int(m) for m in re.findall(r"^step (\d+) \| valid_loss", done.stdout, re.M)]
+        assert evaluated == ([16, 24, 32, 40] if out == auto else [12, 15, 18, 21, 24, 27, 30, 33, 36, 39])
+    assert cli("train", "--resume", "--out", auto).returncode == 1     # at its recorded 40: nothing to do
 
 
 def test_resume_past_its_step_budget_stops_without_retraining(cli, run_dir, tmp_path):
