@@ -16,6 +16,7 @@ to see the traceback instead.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
 from .progress import LINE_EVERY_SECONDS
 
 # Presets: the model (§3, Table 3), vocabulary and batching of a run, from a laptop to the paper.
@@ -134,6 +136,8 @@ def _run_paths(checkpoint):
 
 def _read_config(run_dir):
     path = Path(run_dir) / "config.json"
+    if not Path(run_dir).exists():
+        raise UserError(f"{run_dir}: no such directory")
     if not path.is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.json)")
     try:
@@ -461,7 +465,7 @@ def cmd_train(args):
          f"{model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}"
          + (f" (the training text holds too few pieces for {preset['vocab_size']})"
             if tokenizer.vocab_size < preset["vocab_size"] else "") + f", on {device}\n"
-         f"data: {n_train:,} training pairs in {len(train_batches)} batches of ≤{preset['max_tokens']} tokens, "
+         f"data: {n_train:,} training pairs in {len(train_batches)} batch{'es' if len(train_batches) != 1 else ''} of ≤{preset['max_tokens']} tokens, "
          f"{len(ids['valid'][0]):,} valid, {len(splits['test']):,} test\n"
          f"training {budget}" + (f" (so that the whole command ends within {DEFAULT_TOTAL_MINUTES[device]:g} min; "
                                  f"--steps or --minutes choose another budget)" if auto_budget else ""))
@@ -696,9 +700,23 @@ def cmd_evaluate(args):
     return 0
 
 
+def _figure_path(out):
+    """``--out`` of ``attention``: no suffix gets ``.png``; a suffix matplotlib cannot write is refused."""
+    from matplotlib.figure import Figure
+    out = Path(out)
+    if not out.suffix:
+        return out.with_suffix(".png")
+    formats = Figure().canvas.get_supported_filetypes()
+    if out.suffix[1:].lower() not in formats:
+        raise UserError(f"--out {out}: matplotlib cannot write {out.suffix} files; use one of "
+                        f"{', '.join('.' + f for f in sorted(formats))}")
+    return out
+
+
 def cmd_attention(args):
     from .evaluate import attention_maps, source_limit
     from .viz import plot_all_attention
+    args.out = _figure_path(args.out)           # before the model loads: a bad name costs nothing
     model, tokenizer, _, _ = load_run(args.checkpoint, _device(args.device), announce=True)
     N = model.config.num_layers
     if args.layers and not all(-N <= i < N for i in args.layers):
@@ -782,6 +800,7 @@ _positive_int = _number_type("a positive integer", int, lambda v: v >= 1)
 _nonnegative_int = _number_type("an integer >= 0", int, lambda v: v >= 0)
 _probability = _number_type("a number in [0, 1)", float, lambda v: 0 <= v < 1)
 _positive_float = _number_type("a positive number", float, lambda v: v > 0)
+_nonnegative_float = _number_type("a finite number >= 0", float, lambda v: 0 <= v < math.inf)
 
 
 def _layer_numbers(text):
@@ -798,6 +817,7 @@ def _layer_numbers(text):
 def build_parser():
     p = _Parser(prog=_PROG, description='The Transformer of "Attention Is All You Need" on NumPy/CuPy: '
                                           "train an English→Spanish translator and use it.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -846,7 +866,9 @@ def build_parser():
     t.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint of the highest step; settings equal to the "
                         "run's are accepted, other ones refused")
-    t.add_argument("--eval-every", type=_positive_int, help="validation loss and sample translations every N steps")
+    t.add_argument("--eval-every", type=_positive_int,
+                   help="validation loss and sample translations every N steps (default: a fifth of --steps, "
+                        "else 250)")
     t.add_argument("--checkpoint-every", type=_positive_int,
                    help="write checkpoint-<step>.npz every N steps, the last five kept for `average` (default: every "
                         "5%% of --steps, else every 100 steps on a CPU, 1000 on a GPU)")
@@ -886,7 +908,7 @@ def build_parser():
     model_args(tr)
     tr.add_argument("text", nargs="*", metavar="TEXT", help="the sentence (default: read standard input)")
     tr.add_argument("--beam", type=_positive_int, default=4, help="beam size (1: greedy; default 4)")
-    tr.add_argument("--alpha", type=float, default=0.6, help="length penalty α (default 0.6, §6.1)")
+    tr.add_argument("--alpha", type=_nonnegative_float, default=0.6, help="length penalty α (default 0.6, §6.1)")
     tr.add_argument("--batch-size", type=_positive_int, default=64,
                     help="sentences decoded together (default 64; lower it if memory runs short)")
     decode_args(tr)
@@ -898,7 +920,8 @@ def build_parser():
     model_args(ev)
     ev.add_argument("--data", help="the TSV (default: the file recorded in the run's config.json; another file "
                                    "is scored with a warning, as its split is not the run's)")
-    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"],
+                    help="which split of the run's data to score (default test)")
     ev.add_argument("--beam", type=_positive_int, default=4, help="beam size (1: greedy; default 4, §6.1)")
     ev.add_argument("--limit", type=_positive_int, help="score a fixed random sample of N sentences")
     ev.add_argument("--batch-size", type=_positive_int, default=64,
@@ -912,7 +935,8 @@ def build_parser():
                                     "cross-attention of every layer and head into one PNG.")
     model_args(at)
     at.add_argument("text", nargs="+", metavar="TEXT", help="the sentence (its words joined by spaces)")
-    at.add_argument("--out", required=True, metavar="PNG")
+    at.add_argument("--out", required=True, metavar="PNG",
+                    help="the image to write (.png added to a name without a suffix; .pdf, .svg, … work too)")
     at.add_argument("--layers", type=_layer_numbers, metavar="N[,N…]",
                     help="only these layers of each kind, counted from 1 (-1: the last), e.g. --layers 1,-1 "
                          "(default: all; the base model has 6 × 8 heads of each kind)")
@@ -931,8 +955,9 @@ def build_parser():
     dsub = da.add_subparsers(dest="data_command", metavar="ACTION", parser_class=_Parser)
     dsub.required = True
     fe = dsub.add_parser("fetch", help="download and cache a Tatoeba corpus, print its path and size")
-    fe.add_argument("--corpus", default="spa", choices=["spa", "ukr"])
-    fe.add_argument("--no-progress", action="store_true")
+    fe.add_argument("--corpus", default="spa", choices=["spa", "ukr"],
+                    help="spa: English–Spanish (the default), ukr: English–Ukrainian")
+    fe.add_argument("--no-progress", action="store_true", help="no download progress")
     fe.set_defaults(func=cmd_data_fetch)
     return p
 

@@ -267,6 +267,24 @@ def test_attention(cli, run_dir, tmp_path):
     assert f"using {run_dir / 'last.npz'} (step 8)" in done.stderr
 
 
+def test_attention_names_its_file_before_loading_the_model(cli, run_dir, tmp_path):
+    """No suffix: .png added; a suffix matplotlib cannot write: refused before the model is loaded."""
+    done = cli("attention", "--checkpoint", run_dir, "I like cats.", "--out", tmp_path / "maps")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "maps.png").read_bytes()[:8] == PNG_MAGIC and str(tmp_path / "maps.png") in done.stdout
+    done = cli("attention", "--checkpoint", run_dir, "I like cats.", "--out", tmp_path / "maps.xyz")
+    assert_user_error(done, "matplotlib cannot write .xyz files; use one of", ".png", ".svg")
+    assert "using" not in done.stderr                      # refused before the checkpoint was read
+
+
+def test_cli_version_and_alpha(cli):
+    done = cli("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"minitransformer {mt.__version__}", done.stdout
+    for bad in ("-1", "nan", "inf"):
+        done = cli("translate", "--checkpoint", "x", "--alpha", bad, "hi")
+        assert done.returncode == 2 and f"argument --alpha: expected a finite number >= 0, got {bad}" in done.stderr
+
+
 def test_attention_of_some_layers(cli, run_dir, tmp_path):
     png = tmp_path / "last.png"
     done = cli("attention", "--checkpoint", run_dir, "I like cats.", "--out", png, "--layers", "-1")
@@ -627,7 +645,9 @@ def test_out_dir_of_another_run(cli, run_dir):
 
 
 def test_resume_needs_a_run(cli, tmp_path):
-    assert_user_error(cli("train", "--resume", "--out", tmp_path / "nothing"), "config.json")
+    assert_user_error(cli("train", "--resume", "--out", tmp_path / "nothing"), f"{tmp_path / 'nothing'}: no such directory")
+    (tmp_path / "empty").mkdir()
+    assert_user_error(cli("train", "--resume", "--out", tmp_path / "empty"), "not a run directory (no config.json)")
     assert_user_error(cli("train", "--resume", "--preset", "tiny"), "--out")
 
 
