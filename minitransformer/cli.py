@@ -364,7 +364,8 @@ def cmd_train(args):
                             f"the steps and minutes the run already has)")
         _say(f"resuming {out} from {ckpt.name} (step {start_step}) on {device}")
         tokenizer = _read_tokenizer(out)
-        splits = run_splits(data_settings, data=args.data, progress=progress, same_corpus=True)   # --data: the file, moved
+        # --data: the same file, moved (another corpus is refused)
+        splits = run_splits(data_settings, data=args.data, progress=progress, same_corpus=True)
         ids = {name: _encode(tokenizer, pairs, data_settings.get("max_len", MAX_LEN)) for name, pairs in splits.items()}
         model_config = checkpoint_config(ckpt)
         if model_config["vocab_size"] != tokenizer.vocab_size:
@@ -441,7 +442,7 @@ def cmd_train(args):
                   "data": data_settings, "train": asdict(tcfg), "seed": seed, "device": device, "tf32": args.tf32,
                   "command": " ".join([_PROG, *sys.argv[1:]]), "created": datetime.now().isoformat(timespec="seconds")}
         write_json(out / "config.json", config)
-    elif json.loads(json.dumps(asdict(tcfg))) != config["train"]:   # a new budget: the next --resume starts from it
+    elif json.loads(json.dumps(asdict(tcfg))) != config["train"]:   # a new budget: the next --resume's
         write_json(out / "config.json", {**config, "train": asdict(tcfg)})
 
     trainer = Trainer(model, lambda e: list(train_batches.epoch(e)), tcfg, out_dir=out, valid_batches=valid_batches,
@@ -465,7 +466,8 @@ def cmd_train(args):
          f"{model.num_parameters():,} parameters, vocabulary {tokenizer.vocab_size}"
          + (f" (the training text holds too few pieces for {preset['vocab_size']})"
             if tokenizer.vocab_size < preset["vocab_size"] else "") + f", on {device}\n"
-         f"data: {n_train:,} training pairs in {len(train_batches)} batch{'es' if len(train_batches) != 1 else ''} of ≤{preset['max_tokens']} tokens, "
+         f"data: {n_train:,} training pairs in {len(train_batches)} batch{'es' * (len(train_batches) != 1)} "
+         f"of ≤{preset['max_tokens']} tokens, "
          f"{len(ids['valid'][0]):,} valid, {len(splits['test']):,} test\n"
          f"training {budget}" + (f" (so that the whole command ends within {DEFAULT_TOTAL_MINUTES[device]:g} min; "
                                  f"--steps or --minutes choose another budget)" if auto_budget else ""))
@@ -844,7 +846,8 @@ def build_parser():
     # prepared); the split seed only goes into a hash, so any int splits
     t.add_argument("--seed", type=_nonnegative_int,
                    help="parameter initialisation, dropout and batch order (default 0; with --resume, the run's)")
-    t.add_argument("--split-seed", type=int, help="which sentences go to valid/test (default 0; with --resume, the run's)")
+    t.add_argument("--split-seed", type=int,
+                   help="which sentences go to valid/test (default 0; with --resume, the run's)")
     t.add_argument("--max-tokens", type=_positive_int, help="tokens per batch and side (default: the preset's)")
     t.add_argument("--vocab-size", type=_positive_int, help="BPE vocabulary size (default: the preset's)")
     t.add_argument("--warmup-steps", type=_positive_int, help="Noam warm-up steps (default: the preset's)")
