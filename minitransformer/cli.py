@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
 from .progress import LINE_EVERY_SECONDS
 
 # Presets: the model (§3, Table 3), vocabulary and batching of a run, from a laptop to the paper.
@@ -69,6 +68,9 @@ RUN_SETTINGS = {"vocab_size": "--vocab-size", "max_tokens": "--max-tokens", "war
                 "dropout": "--dropout", "d_model": "--d-model", "num_heads": "--heads", "num_layers": "--layers",
                 "d_ff": "--d-ff", "label_smoothing": "--label-smoothing", "positions": "--positions",
                 "norm_first": "--norm-first"}
+# The intervals of ``train`` a run picks from its budget (``_intervals``) unless --eval-every or
+# --checkpoint-every gives them; config.json's "intervals_given" names those given, which a resume keeps.
+INTERVALS = ("eval_every", "checkpoint_every")
 MAX_LEN = 64           # sentence pairs longer than this many subword tokens are left out of training
 SPLIT = dict(valid_size=0.02, test_size=0.02)
 
@@ -341,13 +343,15 @@ def cmd_train(args):
         data_settings, seed, stored_train = _stored(config, out, "data"), _stored(config, out, "seed"), \
             _stored(config, out, "train")
         tcfg = TrainConfig(**{**stored_train, "betas": tuple(stored_train["betas"])})
+        intervals_given = config.get("intervals_given")     # None: a run from before this record
         if args.steps is not None or args.minutes is not None:   # a new total budget
             # intervals the run chose itself (5 % and 20 % of a 60-step trial: every 3 and 12 steps) follow
-            # the new budget; ones given to the run's first command stay
+            # the new budget, as a new run of it would pick them; ones the user gave stay. An older run
+            # names none given: an interval is its own choice if it equals what the old budget picked
             automatic = _intervals(tcfg.steps, config.get("device", device))
             tcfg.steps, tcfg.minutes = args.steps or 0, args.minutes or 0.0
-            for key, old, new in zip(("eval_every", "checkpoint_every"), automatic, _intervals(tcfg.steps, device)):
-                if getattr(tcfg, key) == old:
+            for key, old, new in zip(INTERVALS, automatic, _intervals(tcfg.steps, device)):
+                if (key not in intervals_given) if intervals_given is not None else getattr(tcfg, key) == old:
                     setattr(tcfg, key, new)
         tcfg.cuda_graph = tcfg.cuda_graph or args.cuda_graph
         checkpoints = run_checkpoints(out)
@@ -408,9 +412,13 @@ def cmd_train(args):
             tcfg.label_smoothing = args.label_smoothing
     model.to(device)
 
-    for key in ("eval_every", "checkpoint_every"):
-        if getattr(args, key) is not None:
-            setattr(tcfg, key, getattr(args, key))
+    given_now = [key for key in INTERVALS if getattr(args, key) is not None]
+    for key in given_now:
+        setattr(tcfg, key, getattr(args, key))
+    if not args.resume:
+        intervals_given = given_now
+    elif intervals_given is not None:
+        intervals_given = [key for key in INTERVALS if key in intervals_given or key in given_now]
     auto_budget = not (tcfg.steps or tcfg.minutes)
     if auto_budget:   # fit the whole command into DEFAULT_TOTAL_MINUTES
         left = DEFAULT_TOTAL_MINUTES[device] * 60 - (time.perf_counter() - started)
@@ -439,11 +447,16 @@ def cmd_train(args):
     if not args.resume:
         tokenizer.save(out / "tokenizer.model")
         config = {"preset": preset_name, "preset_settings": preset, "model": asdict(model.config),
-                  "data": data_settings, "train": asdict(tcfg), "seed": seed, "device": device, "tf32": args.tf32,
+                  "data": data_settings, "train": asdict(tcfg), "intervals_given": intervals_given,
+                  "seed": seed, "device": device, "tf32": args.tf32,
                   "command": " ".join([_PROG, *sys.argv[1:]]), "created": datetime.now().isoformat(timespec="seconds")}
         write_json(out / "config.json", config)
-    elif json.loads(json.dumps(asdict(tcfg))) != config["train"]:   # a new budget: the next --resume's
-        write_json(out / "config.json", {**config, "train": asdict(tcfg)})
+    else:   # a new budget or interval: the next --resume's
+        updated = {**config, "train": asdict(tcfg)}
+        if intervals_given is not None:
+            updated["intervals_given"] = intervals_given
+        if json.loads(json.dumps(updated)) != config:
+            write_json(out / "config.json", updated)
 
     trainer = Trainer(model, lambda e: list(train_batches.epoch(e)), tcfg, out_dir=out, valid_batches=valid_batches,
                       on_eval=on_eval, progress=progress)
@@ -805,6 +818,17 @@ _positive_float = _number_type("a positive number", float, lambda v: v > 0)
 _nonnegative_float = _number_type("a finite number >= 0", float, lambda v: 0 <= v < math.inf)
 
 
+def _package_version():
+    """The installed distribution's version; the package's ``__version__`` when run from a checkout
+    that is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(_PROG)
+    except PackageNotFoundError:
+        from . import __version__
+        return __version__
+
+
 def _layer_numbers(text):
     """``1,-1`` → list indices ``[0, -1]``: layers as the figure names them, or from the end."""
     try:
@@ -819,7 +843,7 @@ def _layer_numbers(text):
 def build_parser():
     p = _Parser(prog=_PROG, description='The Transformer of "Attention Is All You Need" on NumPy/CuPy: '
                                           "train an English→Spanish translator and use it.")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -921,8 +945,9 @@ def build_parser():
                         description="Score a split of the run's data; the split is re-derived with the run's "
                                     "seed, so 'test' is the test split of training time.")
     model_args(ev)
-    ev.add_argument("--data", help="the TSV (default: the file recorded in the run's config.json; another file "
-                                   "is scored with a warning, as its split is not the run's)")
+    ev.add_argument("--data", help="the TSV (default: the file recorded in the run's config.json; a copy of it "
+                                   "elsewhere is the same; a file with other lines is scored with a warning, as "
+                                   "its split is not the run's)")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"],
                     help="which split of the run's data to score (default test)")
     ev.add_argument("--beam", type=_positive_int, default=4, help="beam size (1: greedy; default 4, §6.1)")

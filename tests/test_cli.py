@@ -285,6 +285,17 @@ def test_cli_version_and_alpha(cli):
         assert done.returncode == 2 and f"argument --alpha: expected a finite number >= 0, got {bad}" in done.stderr
 
 
+def test_version_is_the_installed_distributions(env):
+    """--version: the version pip installed (importlib.metadata); the package's __version__ when this
+    checkout is not installed."""
+    installed = "import importlib.metadata as m\nm.version = lambda name: '9.8.7'"
+    missing = ("import importlib.metadata as m\n"
+               "def version(name): raise m.PackageNotFoundError(name)\nm.version = version")
+    for prelude, expected in ((installed, "9.8.7"), (missing, mt.__version__)):
+        done = run_patched(env, prelude, "--version")
+        assert done.returncode == 0 and done.stdout == f"minitransformer {expected}\n", (done.stdout, done.stderr)
+
+
 def test_attention_of_some_layers(cli, run_dir, tmp_path):
     png = tmp_path / "last.png"
     done = cli("attention", "--checkpoint", run_dir, "I like cats.", "--out", png, "--layers", "-1")
@@ -327,6 +338,26 @@ def test_a_resumed_budget_moves_the_intervals_the_run_chose_itself(cli, tmp_path
         evaluated = [int(m) for m in re.findall(r"^step (\d+) \| valid_loss", done.stdout, re.M)]
         assert evaluated == ([16, 24, 32, 40] if out == auto else [12, 15, 18, 21, 24, 27, 30, 33, 36, 39])
     assert cli("train", "--resume", "--out", auto).returncode == 1     # at its recorded 40: nothing to do
+
+
+def test_an_interval_given_stays_even_when_it_equals_the_runs_own_choice(cli, tmp_path):
+    """--eval-every 2 on a 10-step run is the fifth the run would pick itself, but it was given:
+    config.json says so ("intervals_given"), and a resume to 20 steps keeps it; one given to the resume
+    is recorded too. A run from before that record is judged by the value, as before (2 → 4)."""
+    base = QUICK[:6] + QUICK[10:]
+    out, older = tmp_path / "given", tmp_path / "older"
+    assert cli("train", "--data", SAMPLE, *base, "--eval-every", "2", "--steps", "10", "--out", out).returncode == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["eval_every"] == 2
+    shutil.copytree(out, older)
+    config.pop("intervals_given", None)
+    (older / "config.json").write_text(json.dumps(config))
+    for run, eval_every in ((out, 2), (older, 4)):
+        done = cli("train", "--resume", "--out", run, "--steps", "20", "--checkpoint-every", "5", "--no-progress")
+        assert done.returncode == 0, done.stderr
+        config = json.loads((run / "config.json").read_text())
+        assert config["train"]["eval_every"] == eval_every and config["train"]["checkpoint_every"] == 5
+        assert config.get("intervals_given") == (["eval_every", "checkpoint_every"] if run == out else None)
 
 
 def test_resume_past_its_step_budget_stops_without_retraining(cli, run_dir, tmp_path):
